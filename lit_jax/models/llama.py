@@ -1,0 +1,334 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) as pure functions over a params pytree.
+
+Parameter layout (one dict; layers stacked on a leading `[n_layers]` axis):
+
+  embed      [V, D]                       lm_head [D, V] (absent when tied)
+  final_norm [D]
+  layers/attn_norm [L, D]                 layers/mlp_norm [L, D]
+  layers/qkv [L, D, Hkv, G+2, hd]         per KV head: its G query heads, then k, then v;
+                                          one GEMM for q|k|v that shards cleanly over KV heads
+  layers/qkv_bias [L, Hkv, G+2, hd]       (Qwen2; attention_bias)
+  layers/q_norm, k_norm [L, hd]           (Qwen3)
+  layers/o [L, Hkv, G, hd, D]             layers/o_bias [L, D] (attention_bias)
+  layers/gate_up [L, D, 2, F]             one GEMM for gate|up
+  layers/down [L, F, D]
+
+`forward` reads the residual stream after a block (and stops there), writes vectors
+into it after a block, applies optional LoRA adapters, computes logits only where asked,
+and fills a KV cache; the layer stack runs under `lax.scan` or unrolled (`cfg.scan_layers`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lit_jax.models import kv_cache as kvc
+from lit_jax.models.config import ModelConfig
+from lit_jax.models.lora import maybe_lora
+from lit_jax.models.residual import ResidualWrite, apply_write
+from lit_jax.models.rope import apply_rope, rope_tables
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """Shape and logical axis names of every parameter: {name: (shape, axes)} (nested for layers)."""
+    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    layers = {
+        "attn_norm": ((L, D), ("layers", "norm")),
+        "qkv": ((L, D, H, G + 2, hd), ("layers", "embed", "kv_heads", None, "head_dim")),
+        "o": ((L, H, G, hd, D), ("layers", "kv_heads", None, "head_dim", "embed")),
+        "mlp_norm": ((L, D), ("layers", "norm")),
+        "gate_up": ((L, D, 2, F), ("layers", "embed", None, "mlp")),
+        "down": ((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        layers["qkv_bias"] = ((L, H, G + 2, hd), ("layers", "kv_heads", None, "head_dim"))
+    if cfg.o_bias:
+        layers["o_bias"] = ((L, D), ("layers", "norm"))
+    if cfg.qk_norm:
+        layers["q_norm"] = ((L, hd), ("layers", "head_dim"))
+        layers["k_norm"] = ((L, hd), ("layers", "head_dim"))
+    specs = {"embed": ((V, D), ("vocab", "embed")), "final_norm": ((D,), ("norm",)), "layers": layers}
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ((D, V), ("embed", "vocab"))
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names per parameter, same tree structure as the params."""
+    return jax.tree.map(lambda s: s[1], param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """jax.ShapeDtypeStruct per parameter (for eval_shape / lowering without weights)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], jnp.dtype(cfg.dtype)), param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(key: jax.Array, cfg: ModelConfig, std: float = 0.02) -> Params:
+    """Random weights (normal(0, std); norms = 1; biases = 0), for tests and from-scratch runs."""
+    specs = param_specs(cfg)
+    flat, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, (shape, _)), k in zip(flat, keys):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            leaves.append(jnp.ones(shape, cfg.dtype))
+        elif "bias" in name:
+            leaves.append(jnp.zeros(shape, cfg.dtype))
+        else:
+            leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, scaled by `weight` in the input dtype (as HF does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+class AttentionContext(NamedTuple):
+    """Per-call tables shared by every block: rotary tables and the attention mask."""
+
+    cos: jax.Array  # [B, T, hd]
+    sin: jax.Array  # [B, T, hd]
+    mask: jax.Array  # [B, T, S] bool: query t may attend key slot s
+    slots: jax.Array | None  # [B, T] cache slots of the new tokens (None without a cache)
+
+
+def attention_mask(
+    cfg: ModelConfig,
+    query_slots: jax.Array,
+    query_pos: jax.Array,
+    key_filled: jax.Array,
+    key_pos: jax.Array,
+) -> jax.Array:
+    """Causal (by slot order) and padding mask [B, T, S], plus Mistral's sliding window."""
+    key_slots = jnp.arange(key_filled.shape[1])
+    mask = key_filled[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
+    if cfg.sliding_window is not None:
+        mask &= (query_pos[:, :, None] - key_pos[:, None, :]) < cfg.sliding_window
+    return mask
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,G,hd], k/v [B,S,H,hd], mask [B,T,S] -> [B,T,H,G,hd]."""
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgts,bshd->bthgd", probs, v)
+
+
+def block(
+    x: jax.Array,
+    p: Params,
+    lora: Params | None,
+    layer: Any,
+    ctx: AttentionContext,
+    cache: kvc.KVCache | None,
+    cfg: ModelConfig,
+    lora_scale: float,
+) -> tuple[jax.Array, kvc.KVCache | None]:
+    """One transformer block on x [B, T, D]; `p`/`lora` are this layer's slices."""
+    B, T, _ = x.shape
+    H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    qkv = jnp.einsum("btd,dhck->bthck", h, p["qkv"])
+    if cfg.qkv_bias:
+        qkv = qkv + p["qkv_bias"]
+    q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
+    q = _plus_lora(q, h, lora, "q", lora_scale)
+    k = _plus_lora(k, h, lora, "k", lora_scale)
+    v = _plus_lora(v, h, lora, "v", lora_scale)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, ctx.cos, ctx.sin)
+    k = apply_rope(k, ctx.cos, ctx.sin)
+
+    if cache is not None:
+        cache = kvc.write_layer(cache, layer, ctx.slots, k, v)
+        k, v = cache.k[layer], cache.v[layer]
+    attn = attention(q, k, v, ctx.mask)
+    # Contract over the flattened heads so XLA transposes the (small) activation, not the weight.
+    attn = attn.reshape(B, T, H * G * hd)
+    out = jnp.einsum("bti,id->btd", attn, p["o"].reshape(H * G * hd, -1))
+    out = _plus_lora(out, attn, lora, "o", lora_scale)
+    if cfg.o_bias:
+        out = out + p["o_bias"]
+    x = x + out
+
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate_up = jnp.einsum("btd,dcf->btcf", h, p["gate_up"])
+    gate = _plus_lora(gate_up[..., 0, :], h, lora, "gate", lora_scale)
+    up = _plus_lora(gate_up[..., 1, :], h, lora, "up", lora_scale)
+    m = jax.nn.silu(gate) * up
+    out = jnp.einsum("btf,fd->btd", m, p["down"])
+    out = _plus_lora(out, m, lora, "down", lora_scale)
+    return x + out, cache
+
+
+def _plus_lora(y: jax.Array, x: jax.Array, lora: Params | None, name: str, scale: float) -> jax.Array:
+    """y + the LoRA update of projection `name` on input x (reshaped like y), or y if not adapted."""
+    delta = maybe_lora(x, lora, name, scale)
+    return y if delta is None else y + delta.reshape(y.shape)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def run_blocks(
+    x: jax.Array,
+    params: Params,
+    lora: Params | None,
+    start: int,
+    stop: int,
+    ctx: AttentionContext,
+    cache: kvc.KVCache | None,
+    cfg: ModelConfig,
+    lora_scale: float,
+) -> tuple[jax.Array, kvc.KVCache | None]:
+    """Runs blocks [start, stop) over the stacked layers, by scan or unrolled."""
+    if stop <= start:
+        return x, cache
+
+    def one(x, p, lp, layer, cache):
+        return block(x, p, lp, layer, ctx, cache, cfg, lora_scale)
+
+    if cfg.remat != "none":
+        one = jax.checkpoint(one, policy=_REMAT_POLICIES[cfg.remat])
+
+    layers = params["layers"]
+    if cfg.scan_layers:
+        xs = jax.tree.map(lambda a: a[start:stop], (layers, lora))
+
+        def body(carry, inputs):
+            x, cache = carry
+            (p, lp), layer = inputs
+            x, cache = one(x, p, lp, layer, cache)
+            return (x, cache), None
+
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (xs, jnp.arange(start, stop)))
+        return x, cache
+    for i in range(start, stop):
+        p, lp = jax.tree.map(lambda a: a[i], (layers, lora))
+        x, cache = one(x, p, lp, i, cache)
+    return x, cache
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and vocabulary projection; float32 logits."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_embeddings:
+        return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def default_positions(valid: jax.Array) -> jax.Array:
+    """Positions that skip padding: 0 at each row's first real token (works for left and right padding)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] or [B, P, V] at `logits_at`; None when stopped early
+    hidden: jax.Array  # residual stream after the last block run ([B, T, D]; pre final norm)
+    cache: kvc.KVCache | None
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    valid: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    write: ResidualWrite | None = None,
+    write_layer: int = 0,
+    write_mode: str = "replace",
+    stop_after_layer: int | None = None,
+    logits_at: jax.Array | None = None,
+    cache: kvc.KVCache | None = None,
+    slots: jax.Array | None = None,
+) -> ForwardOutput:
+    """Runs the model on tokens [B, T].
+
+    valid: [B, T] bool, False on padding (default: all True).
+    positions: [B, T] rotary positions (default: `default_positions(valid)`).
+    lora: adapter params (see lora.py), scaled by `lora_scale`.
+    write: vectors written into the residual stream after block `write_layer`.
+    stop_after_layer: return the residual after this block (HF `hidden_states[L+1]`),
+        running no later block and no head.
+    logits_at: [B, P] indices; logits only there (saves the [B, T, V] projection).
+    cache, slots: KV cache and the cache slots [B, T] the tokens occupy (generation).
+    """
+    B, T = tokens.shape
+    if valid is None:
+        valid = jnp.ones((B, T), bool)
+    if positions is None:
+        positions = default_positions(valid)
+    last = cfg.num_layers - 1 if stop_after_layer is None else stop_after_layer
+    if not 0 <= last < cfg.num_layers:
+        raise ValueError(f"stop_after_layer={stop_after_layer} outside [0, {cfg.num_layers})")
+    if write is not None and not 0 <= write_layer <= last:
+        raise ValueError(f"write_layer={write_layer} must be in [0, {last}] (the layers that run)")
+
+    cos, sin = rope_tables(cfg, positions)
+    if cache is None:
+        q_slots = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+        mask = attention_mask(cfg, q_slots, positions, valid, positions)
+        ctx = AttentionContext(cos, sin, mask, None)
+    else:
+        if slots is None:
+            raise ValueError("forward with a cache needs `slots`")
+        cache = kvc.mark_filled(cache, slots, valid, positions)
+        mask = attention_mask(cfg, slots, positions, cache.filled, cache.positions)
+        ctx = AttentionContext(cos, sin, mask, slots)
+
+    x = embed(params, tokens)
+    if write is None:
+        x, cache = run_blocks(x, params, lora, 0, last + 1, ctx, cache, cfg, lora_scale)
+    else:
+        x, cache = run_blocks(x, params, lora, 0, write_layer + 1, ctx, cache, cfg, lora_scale)
+        x = apply_write(x, write, write_mode)
+        x, cache = run_blocks(x, params, lora, write_layer + 1, last + 1, ctx, cache, cfg, lora_scale)
+
+    if stop_after_layer is not None:
+        return ForwardOutput(None, x, cache)
+    h = x if logits_at is None else jnp.take_along_axis(x, logits_at[..., None], axis=1)
+    return ForwardOutput(unembed(params, h, cfg), x, cache)
+
+
+def num_params(params: Params) -> int:
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
