@@ -7,7 +7,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = ConfigDict()
     c.task = "chat"
     c.seed = 0
-    c.model = ConfigDict(dict(source="smollm2", dtype="float32", scan_layers=False))
+    c.model = ConfigDict(dict(source="smollm2", dtype="float32", scan_layers=True))
     c.chat = ConfigDict(dict(
         questions=("What is the capital of France?", "Give me one tip for writing clear code."),
         max_new_tokens=64,

@@ -69,7 +69,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     # Run-time choices.
     dtype: str = "float32"  # parameter and activation dtype: "float32" | "bfloat16"
-    scan_layers: bool = False  # lax.scan over the layer stack (fast compile) vs unrolled (fast run on CPU)
+    scan_layers: bool = True  # lax.scan over the layer stack (fast compile) vs unrolled (fast run on CPU)
     remat: str = "none"  # activation checkpointing per block: one of REMAT_POLICIES
 
     def __post_init__(self):
