@@ -1,0 +1,75 @@
+"""Records -> tokenized examples (variable-length numpy arrays + what they came from).
+
+An example:
+  read_tokens int32 [R], read_positions int32 [S]   the target's input and the read span
+  decoder_tokens int32 [T], write_positions int32 [S], loss_mask bool [T]
+  read_layer int32; label, source, record_index, question, answer, read (JSON)
+Tokenizer calls are batched (one per read kind, one for all questions and answers).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from lit_jax.data.chat import TemplateError, read_text, tokenize_reads
+from lit_jax.data.decoder import DecoderFormat
+from lit_jax.data.errors import BadRecords
+from lit_jax.data.records import Record
+
+ARRAY_FIELDS = ("read_tokens", "read_positions", "decoder_tokens", "write_positions", "loss_mask")
+
+
+def encode_many(tokenizer: Any, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """{text: ids} for the distinct texts, in one batched call."""
+    uniq = sorted(set(texts))
+    if not uniq:
+        return {}
+    ids = tokenizer(uniq, add_special_tokens=False)["input_ids"]
+    return {t: np.asarray(i, np.int32) for t, i in zip(uniq, ids)}
+
+
+def pick_layers(n: int, layers: Sequence[int], seed: int) -> np.ndarray:
+    """One read layer per example: the fixed layer, or a seeded draw from `layers`."""
+    layers = np.asarray(layers, np.int32)
+    if len(layers) == 1:
+        return np.full(n, layers[0], np.int32)
+    return layers[np.random.default_rng([seed, 1]).integers(0, len(layers), n)]
+
+
+def tokenize_records(records: Sequence[Record], tokenizer: Any, fmt: DecoderFormat, read_layers: Sequence[int],
+                     bad: BadRecords, seed: int = 0) -> list[dict[str, Any]]:
+    """Examples for the records that tokenize cleanly (bad ones are reported to `bad`)."""
+    reads, kept = [], []
+    for r in records:
+        try:
+            reads.append(read_text(tokenizer, r))
+            kept.append(r)
+        except TemplateError as e:
+            bad.report(r.source, r.index, str(e))
+    tokenized = tokenize_reads(tokenizer, reads)
+    ids = encode_many(tokenizer, [r.question for r in kept] + [r.answer for r in kept])
+    layers = pick_layers(len(kept), read_layers, seed)
+    out = []
+    for r, (read_tokens, read_positions), layer in zip(kept, tokenized, layers):
+        if read_positions.size == 0:
+            bad.report(r.source, r.index, "the read span holds no tokens")
+            continue
+        decoder_tokens, write_positions, loss_mask = fmt.example(len(read_positions), ids[r.question], ids[r.answer],
+                                                                 int(layer))
+        assert len(write_positions) == len(read_positions), "decoder slots != read activations"
+        out.append({
+            "read_tokens": read_tokens, "read_positions": read_positions, "decoder_tokens": decoder_tokens,
+            "write_positions": write_positions, "loss_mask": loss_mask, "read_layer": np.int32(layer),
+            "label": r.label, "source": r.source, "record_index": np.int32(r.index), "question": r.question,
+            "answer": r.answer, "read": json.dumps(r.read_description(), ensure_ascii=False),
+        })
+    return out
+
+
+def example_lengths(examples: Sequence[dict[str, Any]]) -> np.ndarray:
+    """[N, 3] int64 (R, S, T) per example."""
+    return np.asarray([(len(e["read_tokens"]), len(e["read_positions"]), len(e["decoder_tokens"])) for e in examples],
+                      np.int64).reshape(-1, 3)
