@@ -1,0 +1,122 @@
+"""Config + tokenizer -> train / held-out example sources (through the tfds store, or in memory).
+
+Steps: read the configured sources into Records -> split by label -> tokenize (chat
+template spans, decoder prompt style) -> choose or check the length buckets (shared by
+both splits, so they compile the same shapes) -> example ids = positions in each split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from lit_jax.data.buckets import assign_buckets, choose_buckets, order_buckets
+from lit_jax.data.config import check_data_config, resolve_data_dir
+from lit_jax.data.decoder import DecoderFormat
+from lit_jax.data.errors import BadRecords, log
+from lit_jax.data.examples import example_lengths, tokenize_records
+from lit_jax.data.source import ExampleSource
+from lit_jax.data.sources import expand_sources, read_all_sources
+from lit_jax.data.splits import split_by_label
+
+PIPELINE_VERSION = 1  # bump when the tokenization rules change: old tfds stores are then not reused
+SPLITS = ("train", "heldout")
+# Settings that do not change the prepared examples (batching and storage only).
+NOT_CONTENT = ("batch_size", "shuffle_seed", "storage", "tfds_dir", "train_drop_remainder", "data_dir")
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for i in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if i is not None:
+            return int(i)
+    return 0
+
+
+def fit_buckets(examples: dict[str, list[dict]], data_cfg: ConfigDict, bad: BadRecords
+                ) -> tuple[tuple[tuple[int, int, int], ...], dict[str, list[dict]]]:
+    """Buckets (from the config, or chosen from both splits) and the examples that fit one."""
+    cap = (int(data_cfg.max_read_tokens), int(data_cfg.max_read_tokens), int(data_cfg.max_decoder_tokens))
+    if data_cfg.buckets:
+        buckets = order_buckets(data_cfg.buckets)
+    else:
+        everything = np.concatenate([example_lengths(examples[s]) for s in SPLITS])
+        buckets = choose_buckets(everything, data_cfg.num_buckets, data_cfg.bucket_multiple, cap)
+    largest = "buckets " + str([list(b) for b in buckets]) if data_cfg.buckets else (
+        f"max_read_tokens={cap[0]}, max_decoder_tokens={cap[2]}")
+    kept = {}
+    for split in SPLITS:
+        ids = assign_buckets(example_lengths(examples[split]), buckets)
+        for ex, b in zip(examples[split], ids):
+            if b < 0:
+                r, s, t = len(ex["read_tokens"]), len(ex["read_positions"]), len(ex["decoder_tokens"])
+                bad.report(ex["source"], int(ex["record_index"]),
+                           f"too long: read length R={r}, read slots S={s}, decoder length T={t} exceed the longest "
+                           f"bucket ({largest})")
+        kept[split] = [ex for ex, b in zip(examples[split], ids) if b >= 0]
+    return buckets, kept
+
+
+def prepare_examples(data_cfg: ConfigDict, tokenizer: Any) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """({split: [example]}, meta shared by both splits). Bad records raise or are skipped per on_bad_record."""
+    check_data_config(data_cfg)
+    data_dir = resolve_data_dir(data_cfg)
+    bad = BadRecords(data_cfg.on_bad_record)
+    records = split_by_label(read_all_sources(data_cfg, data_dir, bad), data_cfg.heldout_fraction,
+                             data_cfg.split_seed)
+    fmt = DecoderFormat.create(tokenizer, data_cfg)
+    examples = {s: tokenize_records(records[s], tokenizer, fmt, data_cfg.read_layers, bad,
+                                    seed=data_cfg.split_seed + i) for i, s in enumerate(SPLITS)}
+    buckets, examples = fit_buckets(examples, data_cfg, bad)
+    bad.warn()
+    meta = {
+        "buckets": [list(b) for b in buckets], "pad_id": pad_id_of(tokenizer), "read_layers": list(data_cfg.read_layers),
+        "placeholder": fmt.placeholder, "placeholder_id": fmt.placeholder_id, "end_of_turn_id": fmt.end_of_turn_id,
+        "prompt_style": fmt.style, "skipped": bad.summary(),
+    }
+    log.info("prepared %s examples in buckets %s", {s: len(e) for s, e in examples.items()}, buckets)
+    return examples, meta
+
+
+def fingerprint(data_cfg: ConfigDict, tokenizer: Any) -> str:
+    """Hash of everything that changes the examples: settings, tokenizer, data files, pipeline version."""
+    data_dir = resolve_data_dir(data_cfg)
+    settings = {k: v for k, v in data_cfg.to_dict().items() if k not in NOT_CONTENT}
+    paths = expand_sources(data_cfg.sources, data_dir) + [os.path.join(data_dir, data_cfg.latentqa_qa)]
+    files = [(os.path.relpath(p, data_dir), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths
+             if os.path.isfile(p)]
+    probe = "Hello <|im_start|> world\n\t1234 ?"
+    tok = {"vocab": len(tokenizer), "template": tokenizer.chat_template, "special": tokenizer.special_tokens_map,
+           "probe": tokenizer(probe, add_special_tokens=True)["input_ids"], "class": type(tokenizer).__name__}
+    blob = json.dumps({"v": PIPELINE_VERSION, "settings": settings, "files": files, "tokenizer": tok},
+                      sort_keys=True, default=str)
+    return "cfg_" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def in_memory_sources(examples: dict[str, list[dict]], meta: dict[str, Any]) -> dict[str, ExampleSource]:
+    return {s: ExampleSource(examples[s], example_lengths(examples[s]), meta, s) for s in SPLITS}
+
+
+def build_splits(data_cfg: ConfigDict, tokenizer: Any) -> dict[str, ExampleSource]:
+    """{'train': ExampleSource, 'heldout': ExampleSource}.
+
+    storage="tfds": prepared once into data_cfg.tfds_dir (reused while the fingerprint
+    matches) and read back with tfds.data_source; storage="memory": kept in memory.
+    """
+    if data_cfg.storage == "memory":
+        return in_memory_sources(*prepare_examples(data_cfg, tokenizer))
+    from lit_jax.data import tfds_store
+
+    check_data_config(data_cfg)
+    fp = fingerprint(data_cfg, tokenizer)
+    tfds_dir = os.path.abspath(os.path.expanduser(data_cfg.tfds_dir))
+    if not tfds_store.is_prepared(tfds_dir, fp):
+        examples, meta = prepare_examples(data_cfg, tokenizer)
+        metas = {s: {**meta, "fingerprint": fp, "lengths": example_lengths(examples[s]).tolist()} for s in SPLITS}
+        path = tfds_store.write_tfds(examples, metas, tfds_dir, fp)
+        log.info("wrote the tfds dataset %s", path)
+    return tfds_store.read_tfds(tfds_dir, fp)
