@@ -1,10 +1,14 @@
 """Length buckets: a few fixed (R, S, T) shapes so the jitted step compiles a handful of times.
 
-R = read length, S = read slots (activations), T = decoder length. An example goes to the
-first bucket (ordered by R + T, the tokens a step processes) it fits in every dimension.
-Chosen from the data: lengths rounded up to `multiple`, sorted by R + T, then cut into
-`num_buckets` contiguous groups by dynamic programming so that the padded tokens
-sum(count * (R_bucket + T_bucket)) is minimal; each bucket is its group's maximum shape.
+R = read length, S = read slots (activations), T = decoder length. The cost of a shape is
+w * R + T, w = `read_weight`: a read token costs less than a decoder token (the target
+runs only up to the read layer, forward only; the decoder runs every layer forward and
+backward), so padding is traded towards the read side. An example goes to the first
+bucket (ordered by cost) it fits in every dimension, i.e. the cheapest that fits.
+Chosen from the data: lengths rounded up to `multiple`, sorted by cost, cut into
+`num_buckets` contiguous groups by dynamic programming minimising the padded cost
+sum(count * (w * R_bucket + T_bucket)); each bucket is its group's maximum shape, then
+shrunk to the largest example it actually receives.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ def round_up(x: np.ndarray, multiple: int) -> np.ndarray:
     return -(-np.asarray(x) // multiple) * multiple
 
 
-def order_buckets(buckets) -> tuple[Bucket, ...]:
-    """Buckets as int triples, smallest (R + T) first, without repeats."""
+def order_buckets(buckets, read_weight: float = 1.0) -> tuple[Bucket, ...]:
+    """Buckets as int triples, cheapest (read_weight * R + T) first, without repeats."""
     uniq = {tuple(int(v) for v in b) for b in buckets}
-    return tuple(sorted(uniq, key=lambda b: (b[0] + b[2], b[2], b[0], b[1])))
+    return tuple(sorted(uniq, key=lambda b: (read_weight * b[0] + b[2], b[2], b[0], b[1])))
 
 
 def assign_buckets(lengths: np.ndarray, buckets: tuple[Bucket, ...]) -> np.ndarray:
@@ -34,8 +38,11 @@ def assign_buckets(lengths: np.ndarray, buckets: tuple[Bucket, ...]) -> np.ndarr
 
 
 def choose_buckets(lengths: np.ndarray, num_buckets: int, multiple: int = 8,
-                   cap: tuple[int, int, int] | None = None) -> tuple[Bucket, ...]:
-    """At most `num_buckets` shapes covering every row of `lengths` [N, 3] (rows beyond `cap` excluded)."""
+                   cap: tuple[int, int, int] | None = None, read_weight: float = 1.0) -> tuple[Bucket, ...]:
+    """At most `num_buckets` shapes covering every row of `lengths` [N, 3] (rows beyond `cap` excluded).
+
+    Returned cheapest first (the order assign_buckets needs for cheapest-fit).
+    """
     lengths = np.asarray(lengths).reshape(-1, 3)
     if cap is not None:
         lengths = lengths[(lengths <= np.asarray(cap)).all(1)]
@@ -45,29 +52,33 @@ def choose_buckets(lengths: np.ndarray, num_buckets: int, multiple: int = 8,
     if cap is not None:
         rounded = np.minimum(rounded, np.asarray(cap))
     points, counts = np.unique(rounded, axis=0, return_counts=True)
-    order = np.lexsort((points[:, 1], points[:, 0], points[:, 2], points[:, 0] + points[:, 2]))
+    order = np.lexsort((points[:, 1], points[:, 0], points[:, 2], read_weight * points[:, 0] + points[:, 2]))
     points, counts = points[order], counts[order]
-    cuts = _best_cuts(points[:, 0], points[:, 2], counts, num_buckets)
-    groups = [points[a:b] for a, b in zip([0] + cuts, cuts + [len(points)])]
-    buckets = order_buckets(tuple(g.max(0)) for g in groups)
-    used = np.unique(assign_buckets(lengths, buckets))  # first-fit may leave a bucket empty
-    return tuple(buckets[i] for i in used)
+    cuts = _best_cuts(points[:, 0], points[:, 2], counts, num_buckets, read_weight)
+    buckets = order_buckets((g.max(0) for g in np.split(points, cuts)), read_weight)
+    for _ in range(4):  # shrink each bucket to what it receives under cheapest-fit (drops empty ones)
+        ids = assign_buckets(rounded, buckets)
+        shrunk = order_buckets((rounded[ids == k].max(0) for k in np.unique(ids)), read_weight)
+        if shrunk == buckets:
+            break
+        buckets = shrunk
+    return buckets
 
 
-def _best_cuts(r: np.ndarray, t: np.ndarray, counts: np.ndarray, k: int) -> list[int]:
-    """Cut points splitting the sorted points into <= k groups with minimal padded tokens (O(k n^2))."""
+def _best_cuts(r: np.ndarray, t: np.ndarray, counts: np.ndarray, k: int, read_weight: float = 1.0
+               ) -> list[int]:
+    """Cut points splitting the sorted points into <= k groups with minimal padded cost (O(k n^2))."""
     n = len(r)
     k = min(k, n)
     csum = np.concatenate([[0], np.cumsum(counts)])
-    inf = np.iinfo(np.int64).max // 4
-    cost = np.full((k + 1, n + 1), inf, np.int64)
+    cost = np.full((k + 1, n + 1), np.inf)
     back = np.zeros((k + 1, n + 1), np.int64)
     cost[0, 0] = 0
     for j in range(1, n + 1):
         # group [i, j) for every i < j: size * (max R + max T) over the group
         mr = np.maximum.accumulate(r[:j][::-1])[::-1]
         mt = np.maximum.accumulate(t[:j][::-1])[::-1]
-        group = (csum[j] - csum[:j]) * (mr + mt)
+        group = (csum[j] - csum[:j]) * (read_weight * mr + mt)
         for g in range(1, k + 1):
             total = cost[g - 1, :j] + group
             i = int(np.argmin(total))

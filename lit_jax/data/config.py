@@ -32,8 +32,9 @@ def default_data_config() -> ConfigDict:
       (control/stimulus/system/stimulus_completion.json), relation .json files,
       classification .csv files, or our own .jsonl records. Add RELATIONS / CLASSIFICATION
       for the relational-knowledge and classification tasks.
-    buckets: () = choose `num_buckets` (R, S, T) shapes from the data; or explicit
-      ((R, S, T), ...). max_read_tokens / max_decoder_tokens cap the chosen shapes.
+    buckets: () = choose `num_buckets` (R, S, T) shapes from the data, minimising padded
+      cost bucket_read_weight * R + T; or explicit ((R, S, T), ...). max_read_tokens /
+      max_decoder_tokens cap the chosen shapes.
     placeholder_token: "auto" = the first of PLACEHOLDER_CANDIDATES that is one special
       token for the tokenizer (SmolLM2: <empty_output>; Llama-3: <|reserved_special_token_0|>).
     batch_size: per process; the global batch is batch_size * process_count.
@@ -55,6 +56,7 @@ def default_data_config() -> ConfigDict:
     c.buckets = ()
     c.num_buckets = 4
     c.bucket_multiple = 8
+    c.bucket_read_weight = 0.2  # cost of a read token relative to a decoder token (see buckets.py)
     c.max_read_tokens = 512
     c.max_decoder_tokens = 640
     c.batch_size = 4
@@ -80,8 +82,8 @@ def check_data_config(c: ConfigDict) -> None:
         raise ValueError(f"data.heldout_fraction={c.heldout_fraction} must be in [0, 1)")
     if not c.read_layers or any(int(x) < 0 for x in c.read_layers):
         raise ValueError(f"data.read_layers={tuple(c.read_layers)} must be non-empty, non-negative layer indices")
-    if c.batch_size <= 0 or c.num_buckets <= 0 or c.bucket_multiple <= 0:
-        raise ValueError("data.batch_size, data.num_buckets and data.bucket_multiple must be positive")
+    if c.batch_size <= 0 or c.num_buckets <= 0 or c.bucket_multiple <= 0 or c.bucket_read_weight <= 0:
+        raise ValueError("data.batch_size, num_buckets, bucket_multiple and bucket_read_weight must be positive")
     for b in c.buckets:
         if len(b) != 3 or not all(int(x) > 0 for x in b) or b[1] > b[0] or b[1] >= b[2]:
             raise ValueError(f"data.buckets entry {tuple(b)} must be (R, S, T) with 0 < S <= R and S < T")

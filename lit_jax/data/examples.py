@@ -39,21 +39,37 @@ def pick_layers(n: int, layers: Sequence[int], seed: int) -> np.ndarray:
     return layers[np.random.default_rng([seed, 1]).integers(0, len(layers), n)]
 
 
+def read_key(r: Record) -> tuple:
+    """Records with the same key read the same tokens (e.g. the QA pairs of one LatentQA record)."""
+    return r.dialog, r.read_from_turn, r.generation_prompt, r.text, r.read_chars
+
+
 def tokenize_records(records: Sequence[Record], tokenizer: Any, fmt: DecoderFormat, read_layers: Sequence[int],
                      bad: BadRecords, seed: int = 0) -> list[dict[str, Any]]:
-    """Examples for the records that tokenize cleanly (bad ones are reported to `bad`)."""
-    reads, kept = [], []
+    """Examples for the records that tokenize cleanly (bad ones are reported to `bad`).
+
+    Each distinct read is rendered and tokenized once and its arrays shared (never mutated).
+    """
+    reads: dict[tuple, Any] = {}
+    kept = []
     for r in records:
-        try:
-            reads.append(read_text(tokenizer, r))
+        key = read_key(r)
+        if key not in reads:
+            try:
+                reads[key] = read_text(tokenizer, r)
+            except TemplateError as e:
+                reads[key] = e
+        if isinstance(reads[key], TemplateError):
+            bad.report(r.source, r.index, str(reads[key]))
+        else:
             kept.append(r)
-        except TemplateError as e:
-            bad.report(r.source, r.index, str(e))
-    tokenized = tokenize_reads(tokenizer, reads)
+    keys = [k for k, v in reads.items() if not isinstance(v, TemplateError)]
+    tokenized = dict(zip(keys, tokenize_reads(tokenizer, [reads[k] for k in keys])))
     ids = encode_many(tokenizer, [r.question for r in kept] + [r.answer for r in kept])
     layers = pick_layers(len(kept), read_layers, seed)
     out = []
-    for r, (read_tokens, read_positions), layer in zip(kept, tokenized, layers):
+    for r, layer in zip(kept, layers):
+        read_tokens, read_positions = tokenized[read_key(r)]
         if read_positions.size == 0:
             bad.report(r.source, r.index, "the read span holds no tokens")
             continue

@@ -42,10 +42,11 @@ def fit_buckets(examples: dict[str, list[dict]], data_cfg: ConfigDict, bad: BadR
     """Buckets (from the config, or chosen from both splits) and the examples that fit one."""
     cap = (int(data_cfg.max_read_tokens), int(data_cfg.max_read_tokens), int(data_cfg.max_decoder_tokens))
     if data_cfg.buckets:
-        buckets = order_buckets(data_cfg.buckets)
+        buckets = order_buckets(data_cfg.buckets, data_cfg.bucket_read_weight)
     else:
         everything = np.concatenate([example_lengths(examples[s]) for s in SPLITS])
-        buckets = choose_buckets(everything, data_cfg.num_buckets, data_cfg.bucket_multiple, cap)
+        buckets = choose_buckets(everything, data_cfg.num_buckets, data_cfg.bucket_multiple, cap,
+                                 data_cfg.bucket_read_weight)
     largest = "buckets " + str([list(b) for b in buckets]) if data_cfg.buckets else (
         f"max_read_tokens={cap[0]}, max_decoder_tokens={cap[2]}")
     kept = {}

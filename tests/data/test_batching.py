@@ -33,15 +33,16 @@ def test_buckets_are_few_and_cover_every_example(splits):
     assert one == tuple(int(-(-m // 8) * 8) for m in lengths.max(0))
 
 
-def test_bucket_cuts_are_optimal_on_small_cases():
+@pytest.mark.parametrize("w", [1.0, 0.2])
+def test_bucket_cuts_are_optimal_on_small_cases(w):
     rng = np.random.default_rng(0)
     for _ in range(20):
         n = int(rng.integers(2, 9))
         r, t, c = (np.sort(rng.integers(1, 50, n)), rng.integers(1, 50, n), rng.integers(1, 5, n))
-        cost = lambda cuts: sum(c[a:b].sum() * (r[a:b].max() + t[a:b].max())  # noqa: E731
+        cost = lambda cuts: sum(c[a:b].sum() * (w * r[a:b].max() + t[a:b].max())  # noqa: E731
                                 for a, b in zip([0] + cuts, cuts + [n]))
         best = min(cost(list(cs)) for k in range(3) for cs in itertools.combinations(range(1, n), k))
-        assert cost(_best_cuts(r, t, c, 3)) == best
+        assert cost(_best_cuts(r, t, c, 3, w)) == pytest.approx(best)
 
 
 def test_batches_keep_the_contract(splits):
