@@ -76,6 +76,8 @@ def check_data_config(c: ConfigDict) -> None:
         raise ValueError("data.train_on_acknowledgement needs prompt_style='latentqa' (the oracle style has none)")
     if c.on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"data.on_bad_record={c.on_bad_record!r}; expected one of {ON_BAD_RECORD}")
+    if c.relations_label not in ("relation", "relation_subject"):
+        raise ValueError(f"data.relations_label={c.relations_label!r}; expected 'relation' or 'relation_subject'")
     if c.storage not in STORAGES:
         raise ValueError(f"data.storage={c.storage!r}; expected one of {STORAGES}")
     if not 0.0 <= c.heldout_fraction < 1.0:

@@ -130,13 +130,17 @@ class BatchIterator:
 
 
 def make_batch_iterator(source: ExampleSource, data_cfg: Any, *, seed: int | None = None, shuffle: bool = True,
-                        drop_remainder: bool = True, process_index: int | None = None,
+                        drop_remainder: bool | None = None, process_index: int | None = None,
                         process_count: int | None = None, num_epochs: int | None = None) -> BatchIterator:
-    """Batches of `data_cfg.batch_size` rows per process; repeats forever unless num_epochs is set."""
+    """Batches of `data_cfg.batch_size` rows per process; repeats forever unless num_epochs is set.
+
+    seed / drop_remainder default to data_cfg.shuffle_seed / data_cfg.train_drop_remainder;
+    process_index / process_count to jax.process_index() / jax.process_count().
+    """
     return BatchIterator(source, batch_size=data_cfg.batch_size,
                          seed=data_cfg.shuffle_seed if seed is None else seed, shuffle=shuffle,
-                         drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
-                         num_epochs=num_epochs)
+                         drop_remainder=data_cfg.train_drop_remainder if drop_remainder is None else drop_remainder,
+                         process_index=process_index, process_count=process_count, num_epochs=num_epochs)
 
 
 def make_eval_iterator(source: ExampleSource, data_cfg: Any, *, process_index: int | None = None,

@@ -121,3 +121,17 @@ def test_unknown_source_kinds_fail_clearly(tmp_path):
     cfg.sources = (str(tmp_path / "odd.json"),)
     with pytest.raises(DataError, match="odd.json: unknown JSON source"):
         read_all_sources(cfg, DATA, BadRecords())
+
+
+def test_readme_jsonl_example_is_valid(tmp_path, smollm2_tok):
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    block = readme.split("**Bring your own data**", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    lines = [json.dumps(json.loads(line)) for line in block.replace("\n ", " ").strip().splitlines()]
+    path = tmp_path / "readme.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    pirate, capital = read_jsonl(str(path), BadRecords("error"))
+    assert pirate.read_from_turn == 1 and pirate.generation_prompt and capital.read_chars == (0, 23)
+    from lit_jax.data import tokenize_read
+
+    tokens, positions = tokenize_read(smollm2_tok, capital.text, read_chars=capital.read_chars)
+    assert len(positions) == len(tokens)
