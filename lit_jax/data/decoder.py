@@ -140,7 +140,8 @@ class DecoderFormat:
         natural = encode(self.tokenizer, text)[: len(tokens)]
         if np.array_equal(natural, tokens):
             return True
-        at = int(np.argmax(natural[: len(tokens)] != tokens[: len(natural)])) if len(natural) == len(tokens) else -1
+        n = min(len(natural), len(tokens))
+        at = int(np.argmax(natural[:n] != tokens[:n])) if (natural[:n] != tokens[:n]).any() else n
         log.warning("decoder token concatenation differs from tokenizing the rendered template (first at token %d); "
                     "the tokenizer merges across a template boundary. Training and generation stay consistent.", at)
         return False
@@ -164,9 +165,10 @@ class DecoderFormat:
             raise TemplateError(f"the chat template reorders or drops decoder parts: got {kinds}, expected {want}")
         if any(self.placeholder_id in p.ids for p in train if p.kind == "text"):
             raise TemplateError(f"placeholder {self.placeholder!r} occurs in the chat template itself; choose another")
-        a = kinds.index(ANSWER) * 2 + 1
-        if self._end_of_turn(train[a + 1].ids) is None:
-            raise TemplateError("no special end-of-turn token follows the assistant turn in the chat template")
+        a = kinds.index(ANSWER) * 2 + 1  # parts alternate text / variable
+        for i in [a] + ([kinds.index(ACK) * 2 + 1] if self.train_on_acknowledgement else []):
+            if self._end_of_turn(train[i + 1].ids) is None:
+                raise TemplateError("no special end-of-turn token follows the assistant turn in the chat template")
         same = len(prompt) == a and all(
             p.kind == t.kind and np.array_equal(p.ids, t.ids) for p, t in zip(prompt, train[:a]))
         if not same:
