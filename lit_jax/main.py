@@ -7,16 +7,28 @@ locked, so an override of a key that does not exist is an error, not a silent no
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/smollm2_demo.py", "Config file (configs/*.py), optionally with :arg.", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and the summary; a run resumes from its latest "
+    "checkpoint. Default: workdirs/<config name>."
+)
 
 
-def run_chat(config) -> list[str]:
+def run_lit(config, workdir: str) -> dict:
+    """Train a LIT decoder, evaluate it on held-out labels, answer questions (lit/job.py)."""
+    from lit_jax.lit.job import run_lit as job
+
+    return job(config, workdir)
+
+
+def run_chat(config, workdir: str) -> list[str]:
     """Loads a model and answers the configured questions (the foundation's smoke job)."""
     from lit_jax.generate import SamplingConfig, chat
     from lit_jax.hf import load_pretrained
@@ -31,17 +43,21 @@ def run_chat(config) -> list[str]:
     return answers
 
 
-TASKS = {"chat": run_chat}
+TASKS = {"lit": run_lit, "chat": run_chat}
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax, ...) would bury the progress bar
+        logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     if config.task not in TASKS:
         raise app.UsageError(f"config.task={config.task!r}; expected one of {sorted(TASKS)}")
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+    workdir = _WORKDIR.value or os.path.join("workdirs", os.path.splitext(os.path.basename(config_file))[0])
     logging.info("config:\n%s", config)
-    TASKS[config.task](config)
+    TASKS[config.task](config, workdir)
 
 
 if __name__ == "__main__":

@@ -109,5 +109,18 @@ def test_bad_write_layer_and_mode_raise(qwen3):
         llama.forward(params, tokens, cfg, write=_write(), write_layer=2, stop_after_layer=1)
     with pytest.raises(ValueError, match="write mode"):
         llama.forward(params, tokens, cfg, write=_write(), write_mode="add")
-    with pytest.raises(ValueError, match="stop_after_layer"):
+    with pytest.raises(ValueError, match=r"read layer\(s\) 3 outside"):
         llama.forward(params, tokens, cfg, stop_after_layer=cfg.num_layers)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_collect_layers_equals_hf_hidden_states(qwen3, scan_layers):
+    cfg, params, model = qwen3
+    tokens = np.random.default_rng(2).integers(3, 128, size=(2, 7))
+    out = llama.forward(params, jnp.asarray(tokens), cfg.replace(scan_layers=scan_layers), collect_layers=(1, 0))
+    hs = _hf(model, tokens).hidden_states
+    assert out.hidden.shape[0] == 2
+    np.testing.assert_allclose(np.asarray(out.hidden[0]), hs[1].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.hidden[1]), hs[2].numpy(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        llama.forward(params, tokens, cfg, stop_after_layer=0, collect_layers=(1,))

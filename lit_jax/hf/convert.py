@@ -73,7 +73,7 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
     layers = {
         "attn_norm": np.empty((L, D), dt),
         "qkv": np.empty((L, D, H, G + 2, hd), dt),
-        "o": np.empty((L, H, G, hd, D), dt),
+        "o": np.empty((L, H * G * hd, D), dt),
         "mlp_norm": np.empty((L, D), dt),
         "gate_up": np.empty((L, D, 2, F), dt),
         "down": np.empty((L, F, D), dt),
@@ -94,7 +94,7 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
         qkv[:, :, :G] = fetch(p + "self_attn.q_proj.weight").T.reshape(D, H, G, hd)
         qkv[:, :, G] = fetch(p + "self_attn.k_proj.weight").T.reshape(D, H, hd)
         qkv[:, :, G + 1] = fetch(p + "self_attn.v_proj.weight").T.reshape(D, H, hd)
-        layers["o"][i] = fetch(p + "self_attn.o_proj.weight").T.reshape(H, G, hd, D)
+        layers["o"][i] = fetch(p + "self_attn.o_proj.weight").T
         layers["gate_up"][i, :, 0] = fetch(p + "mlp.gate_proj.weight").T
         layers["gate_up"][i, :, 1] = fetch(p + "mlp.up_proj.weight").T
         layers["down"][i] = fetch(p + "mlp.down_proj.weight").T
@@ -137,7 +137,7 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarr
         yield p + "self_attn.q_proj.weight", c(qkv[:, :, :G].reshape(D, -1).T)
         yield p + "self_attn.k_proj.weight", c(qkv[:, :, G].reshape(D, -1).T)
         yield p + "self_attn.v_proj.weight", c(qkv[:, :, G + 1].reshape(D, -1).T)
-        yield p + "self_attn.o_proj.weight", c(host(lay["o"][i]).reshape(H * G * hd, D).T)
+        yield p + "self_attn.o_proj.weight", c(host(lay["o"][i]).T)
         gu = host(lay["gate_up"][i])
         yield p + "mlp.gate_proj.weight", c(gu[:, 0].T)
         yield p + "mlp.up_proj.weight", c(gu[:, 1].T)

@@ -9,7 +9,7 @@ Parameter layout (one dict; layers stacked on a leading `[n_layers]` axis):
                                           one GEMM for q|k|v that shards cleanly over KV heads
   layers/qkv_bias [L, Hkv, G+2, hd]       (Qwen2; attention_bias)
   layers/q_norm, k_norm [L, hd]           (Qwen3)
-  layers/o [L, Hkv, G, hd, D]             layers/o_bias [L, D] (attention_bias)
+  layers/o [L, Hkv*G*hd, D]               layers/o_bias [L, D] (attention_bias)
   layers/gate_up [L, D, 2, F]             one GEMM for gate|up
   layers/down [L, F, D]
 
@@ -45,7 +45,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     layers = {
         "attn_norm": ((L, D), ("layers", "norm")),
         "qkv": ((L, D, H, G + 2, hd), ("layers", "embed", "kv_heads", None, "head_dim")),
-        "o": ((L, H, G, hd, D), ("layers", "kv_heads", None, "head_dim", "embed")),
+        "o": ((L, H * G * hd, D), ("layers", "heads", "embed")),
         "mlp_norm": ((L, D), ("layers", "norm")),
         "gate_up": ((L, D, 2, F), ("layers", "embed", None, "mlp")),
         "down": ((L, F, D), ("layers", "mlp", "embed")),
@@ -169,9 +169,10 @@ def block(
         cache = kvc.write_layer(cache, layer, ctx.slots, k, v)
         k, v = cache.k[layer], cache.v[layer]
     attn = attention(q, k, v, ctx.mask)
-    # Contract over the flattened heads so XLA transposes the (small) activation, not the weight.
+    # Flattened heads, weight used as stored: XLA then transposes the (small) activation, not
+    # the weight, and autodiff under scan reuses the stacked weight instead of saving a copy.
     attn = attn.reshape(B, T, H * G * hd)
-    out = jnp.einsum("bti,id->btd", attn, p["o"].reshape(H * G * hd, -1))
+    out = jnp.einsum("bti,id->btd", attn, p["o"])
     out = _plus_lora(out, attn, lora, "o", lora_scale)
     if cfg.o_bias:
         out = out + p["o_bias"]
@@ -210,32 +211,54 @@ def run_blocks(
     cache: kvc.KVCache | None,
     cfg: ModelConfig,
     lora_scale: float,
+    write: tuple[int, Any] | None = None,
 ) -> tuple[jax.Array, kvc.KVCache | None]:
-    """Runs blocks [start, stop) over the stacked layers, by scan or unrolled."""
+    """Runs blocks [start, stop) over the stacked layers, by scan or unrolled.
+
+    write: (layer, fn) applies x = fn(x) after that block, inside the loop.
+
+    Under scan, the whole stack is passed as the scanned-over input: autodiff then reuses
+    it for the backward pass, whereas weights indexed out of a closed-over stack would be
+    saved per iteration (a stacked copy of the model each step). A partial range is
+    indexed inside the loop instead of sliced up front (a slice would copy); that path is
+    meant for forward-only reads.
+    """
     if stop <= start:
         return x, cache
 
     def one(x, p, lp, layer, cache):
-        return block(x, p, lp, layer, ctx, cache, cfg, lora_scale)
+        x, cache = block(x, p, lp, layer, ctx, cache, cfg, lora_scale)
+        if write is not None:
+            if isinstance(layer, int):
+                x = write[1](x) if layer == write[0] else x
+            else:
+                x = jnp.where(layer == write[0], write[1](x), x)
+        return x, cache
 
     if cfg.remat != "none":
         one = jax.checkpoint(one, policy=_REMAT_POLICIES[cfg.remat])
 
     layers = params["layers"]
-    if cfg.scan_layers:
-        xs = jax.tree.map(lambda a: a[start:stop], (layers, lora))
-
-        def body(carry, inputs):
-            x, cache = carry
-            (p, lp), layer = inputs
-            x, cache = one(x, p, lp, layer, cache)
-            return (x, cache), None
-
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (xs, jnp.arange(start, stop)))
+    if not cfg.scan_layers:
+        for i in range(start, stop):
+            p, lp = jax.tree.map(lambda a: a[i], (layers, lora))
+            x, cache = one(x, p, lp, i, cache)
         return x, cache
-    for i in range(start, stop):
-        p, lp = jax.tree.map(lambda a: a[i], (layers, lora))
-        x, cache = one(x, p, lp, i, cache)
+
+    index = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)  # noqa: E731
+    if start == 0 and stop == cfg.num_layers:
+        def body(carry, xs):
+            (p, lp), layer = xs
+            return one(carry[0], p, lp, layer, carry[1]), None
+
+        xs = ((layers, lora), jnp.arange(stop))
+    else:
+        def body(carry, layer):
+            p, lp = index((layers, lora), layer)
+            return one(carry[0], p, lp, layer, carry[1]), None
+
+        xs = jnp.arange(start, stop)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
     return x, cache
 
 
@@ -261,7 +284,8 @@ def default_positions(valid: jax.Array) -> jax.Array:
 
 class ForwardOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] or [B, P, V] at `logits_at`; None when stopped early
-    hidden: jax.Array  # residual stream after the last block run ([B, T, D]; pre final norm)
+    hidden: jax.Array  # residual after the last block run [B, T, D] (pre final norm);
+    #                    with `collect_layers`: [n, B, T, D], one per collected layer
     cache: kvc.KVCache | None
 
 
@@ -278,6 +302,7 @@ def forward(
     write_layer: int = 0,
     write_mode: str = "replace",
     stop_after_layer: int | None = None,
+    collect_layers: tuple[int, ...] | None = None,
     logits_at: jax.Array | None = None,
     cache: kvc.KVCache | None = None,
     slots: jax.Array | None = None,
@@ -290,19 +315,28 @@ def forward(
     write: vectors written into the residual stream after block `write_layer`.
     stop_after_layer: return the residual after this block (HF `hidden_states[L+1]`),
         running no later block and no head.
+    collect_layers: return the residual after each of these blocks, stacked, and stop
+        after the last of them (reading several layers in one pass).
     logits_at: [B, P] indices; logits only there (saves the [B, T, V] projection).
     cache, slots: KV cache and the cache slots [B, T] the tokens occupy (generation).
     """
     B, T = tokens.shape
+    if stop_after_layer is not None and collect_layers is not None:
+        raise ValueError("pass stop_after_layer or collect_layers, not both")
+    collect = tuple(sorted(set(collect_layers))) if collect_layers is not None else ()
+    if collect_layers is not None and not collect:
+        raise ValueError("collect_layers is empty")
+    stops_early = stop_after_layer is not None or bool(collect)
+    last = collect[-1] if collect else (cfg.num_layers - 1 if stop_after_layer is None else stop_after_layer)
+    if not 0 <= last < cfg.num_layers or (collect and collect[0] < 0):
+        raise ValueError(f"read layer(s) {stop_after_layer if stop_after_layer is not None else collect} "
+                         f"outside [0, {cfg.num_layers})")
+    if write is not None and not 0 <= write_layer <= last:
+        raise ValueError(f"write_layer={write_layer} must be in [0, {last}] (the layers that run)")
     if valid is None:
         valid = jnp.ones((B, T), bool)
     if positions is None:
         positions = default_positions(valid)
-    last = cfg.num_layers - 1 if stop_after_layer is None else stop_after_layer
-    if not 0 <= last < cfg.num_layers:
-        raise ValueError(f"stop_after_layer={stop_after_layer} outside [0, {cfg.num_layers})")
-    if write is not None and not 0 <= write_layer <= last:
-        raise ValueError(f"write_layer={write_layer} must be in [0, {last}] (the layers that run)")
 
     cos, sin = rope_tables(cfg, positions)
     if cache is None:
@@ -317,14 +351,20 @@ def forward(
         ctx = AttentionContext(cos, sin, mask, slots)
 
     x = embed(params, tokens)
-    if write is None:
-        x, cache = run_blocks(x, params, lora, 0, last + 1, ctx, cache, cfg, lora_scale)
-    else:
-        x, cache = run_blocks(x, params, lora, 0, write_layer + 1, ctx, cache, cfg, lora_scale)
-        x = apply_write(x, write, write_mode)
-        x, cache = run_blocks(x, params, lora, write_layer + 1, last + 1, ctx, cache, cfg, lora_scale)
+    do_write = None if write is None else (write_layer, lambda h: apply_write(h, write, write_mode))
+    if not collect:
+        x, cache = run_blocks(x, params, lora, 0, last + 1, ctx, cache, cfg, lora_scale, do_write)
+    else:  # stop at each collected layer
+        start, collected = 0, []
+        for layer in collect:
+            segment_write = do_write if write is not None and start <= write_layer <= layer else None
+            x, cache = run_blocks(x, params, lora, start, layer + 1, ctx, cache, cfg, lora_scale, segment_write)
+            collected.append(x)
+            start = layer + 1
 
-    if stop_after_layer is not None:
+    if collect:
+        return ForwardOutput(None, jnp.stack(collected), cache)
+    if stops_early:
         return ForwardOutput(None, x, cache)
     h = x if logits_at is None else jnp.take_along_axis(x, logits_at[..., None], axis=1)
     return ForwardOutput(unembed(params, h, cfg), x, cache)

@@ -117,7 +117,7 @@ def merge_lora(params: dict, lora: dict, lcfg: LoraConfig, cfg: ModelConfig) -> 
     """Base params with the adapters folded in (for export / adapter-free inference).
 
     Knows the packed layout of llama.py: q/k/v live in `qkv [L, D, Hkv, G+2, hd]`,
-    gate/up in `gate_up [L, D, 2, F]`, o as `[L, Hkv, G, hd, D]`.
+    gate/up in `gate_up [L, D, 2, F]`.
     """
     L, D = cfg.num_layers, cfg.hidden_size
     H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
@@ -134,7 +134,7 @@ def merge_lora(params: dict, lora: dict, lcfg: LoraConfig, cfg: ModelConfig) -> 
     add("q", "qkv", (full, full, full, slice(0, G)), (L, D, H, G, hd))
     add("k", "qkv", (full, full, full, G), (L, D, H, hd))
     add("v", "qkv", (full, full, full, G + 1), (L, D, H, hd))
-    add("o", "o", (full,), (L, H, G, hd, D))
+    add("o", "o", (full,), (L, H * G * hd, D))
     add("gate", "gate_up", (full, full, 0), (L, D, cfg.intermediate_size))
     add("up", "gate_up", (full, full, 1), (L, D, cfg.intermediate_size))
     add("down", "down", (full,), (L, cfg.intermediate_size, D))

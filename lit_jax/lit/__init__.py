@@ -1,0 +1,1 @@
+"""Latent Interpretation Tuning: extraction, projection, the decoder loss, training, reading."""

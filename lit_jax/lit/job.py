@@ -1,0 +1,146 @@
+"""The `lit` job of the command line: load the model, build the data, train, evaluate, demonstrate, export.
+
+Everything is driven by the config (see configs/smollm2_demo.py for every field).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from lit_jax import sharding as shd
+from lit_jax.data import build_splits, make_batch_iterator, make_eval_iterator
+from lit_jax.generate import SamplingConfig
+from lit_jax.hf import export_hf, load_params, load_tokenizer
+from lit_jax.hf.smollm2 import resolve_model_path
+from lit_jax.lit.config import LitConfig
+from lit_jax.lit.read import Reader
+from lit_jax.lit.train import TrainConfig, train
+from lit_jax.models import llama
+from lit_jax.models.config import ModelConfig
+from lit_jax.models.lora import LoraConfig, merge_lora
+
+
+def load_model(m: ConfigDict, seed: int = 0) -> tuple[ModelConfig, dict, Any]:
+    """(cfg, numpy params, tokenizer). source "random" builds a random model of `m.random` shape
+    over the tokenizer of `m.tokenizer` (for tests and dry runs)."""
+    run = dict(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+    if m.source == "random":
+        tokenizer = load_tokenizer(resolve_model_path(m.tokenizer))
+        cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=len(tokenizer),
+                          eos_token_ids=(int(tokenizer.eos_token_id),), pad_token_id=tokenizer.pad_token_id,
+                          **dict(m.random), **run)
+        params = jax.device_get(llama.init_params(jax.random.key(seed), cfg))
+        return cfg, params, tokenizer
+    path = resolve_model_path(m.source)
+    cfg, params = load_params(path, **run)
+    return cfg, params, load_tokenizer(path)
+
+
+def lit_config(config: ConfigDict) -> LitConfig:
+    c = config.lit
+    lora = None if c.full_finetune else LoraConfig(rank=c.lora_rank, alpha=c.lora_alpha, targets=tuple(c.lora_targets))
+    return LitConfig(read_layers=tuple(int(x) for x in config.data.read_layers), write_layer=c.write_layer,
+                     write_mode=c.write_mode, projection=c.projection, norm_match=c.norm_match,
+                     mlp_hidden=c.mlp_hidden, lora=lora, max_answer_tokens=c.max_answer_tokens, ablate=c.ablate)
+
+
+def train_config(config: ConfigDict) -> TrainConfig:
+    return TrainConfig(**{f: config.train[f] for f in TrainConfig.__dataclass_fields__ if f in config.train},
+                       seed=config.seed)
+
+
+def demo_examples(heldout, n: int, source_contains: str) -> list[int]:
+    """The first example of each of the first `n` held-out labels whose source file matches."""
+    ids, labels = [], set()
+    for i in range(len(heldout)):
+        d = heldout.describe(i)
+        if source_contains in d["source"] and d["label"] not in labels:
+            ids.append(i)
+            labels.add(d["label"])
+            if len(ids) == n:
+                break
+    return ids
+
+
+def run_demo(reader: Reader, heldout, config: ConfigDict) -> list[dict]:
+    ids = demo_examples(heldout, config.demo.num_examples, config.demo.source_contains)
+    rows = []
+    if not ids:
+        return rows
+    exs = [heldout[i] for i in ids]
+    reads = [(np.asarray(e["read_tokens"]), np.asarray(e["read_positions"])) for e in exs]
+    described = [heldout.describe(i) for i in ids]
+    answers = reader.ask(reads, [d["question"] for d in described])
+    for d, a in zip(described, answers):
+        rows.append({"label": d["label"], "question": d["question"], "true_answer": d["answer"], "decoded": a,
+                     "read": d["read"]})
+    return rows
+
+
+def print_demo(rows: list[dict]) -> None:
+    print("\nAnswers about held-out system prompts (the decoder sees only the activations):", flush=True)
+    for r in rows:
+        read = r["read"]
+        shown = read if isinstance(read, str) else json.dumps(read)[:300]
+        print(f"\n  read:     {shown}\n  question: {r['question']}\n  true:     {r['true_answer']}\n"
+              f"  decoded:  {r['decoded']}", flush=True)
+
+
+def run_lit(config: ConfigDict, workdir: str) -> dict:
+    shd.maybe_initialize_distributed(config.mesh.distributed)
+    os.makedirs(workdir, exist_ok=True)
+    cfg, base, tokenizer = load_model(config.model, config.seed)
+    mesh = shd.make_mesh(tuple(config.mesh.shape))
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = config.data.batch_size * jax.process_count()
+    if global_batch % (data_parallel * config.train.accum_steps):
+        raise ValueError(
+            f"global batch {global_batch} (data.batch_size x processes) must divide by the data-parallel mesh size "
+            f"{data_parallel} x train.accum_steps {config.train.accum_steps}; change data.batch_size or mesh.shape"
+        )
+    base = jax.device_put(base, shd.tree_shardings(llama.param_axes(cfg), base, mesh))
+    lcfg = lit_config(config)
+    logging.info("model %s (%d params), mesh %s, %s", cfg.architecture, llama.num_params(base), dict(mesh.shape),
+                 lcfg)
+
+    splits = build_splits(config.data, tokenizer)
+    train_it = make_batch_iterator(splits["train"], config.data)
+    heldout = splits["heldout"]
+    print(f"data: {len(splits['train'])} train / {len(heldout)} held-out examples, "
+          f"buckets (R, S, T) {list(splits['train'].buckets)}", flush=True)
+    meta = {"architecture": cfg.architecture, "lit": repr(lcfg)}
+    state, result = train(cfg=cfg, lcfg=lcfg, tcfg=train_config(config), base=base, mesh=mesh,
+                          train_batches=train_it, heldout_batches=lambda: make_eval_iterator(heldout, config.data),
+                          workdir=workdir, meta=meta)
+    summary = dict(result)
+    first, last = result.get("heldout_first"), result.get("heldout_last")
+    if first and last:
+        when = "untrained" if first["step"] == 0 else f"resumed at step {first['step']}"
+        print(f"\nheld-out answer loss: {first['loss']:.3f} ({when}) -> "
+              f"{last['loss']:.3f} (step {last['step']}); token accuracy {first['accuracy']:.3f} -> "
+              f"{last['accuracy']:.3f}; wall {result['wall_s']:.0f} s", flush=True)
+
+    if config.demo.num_examples and jax.process_index() == 0:
+        reader = Reader(base, state.params, cfg, lcfg, tokenizer, config.data,
+                        sampling=SamplingConfig(max_new_tokens=config.demo.max_new_tokens))
+        summary["demo"] = run_demo(reader, heldout, config)
+        print_demo(summary["demo"])
+
+    if config.export.hf_dir and jax.process_index() == 0:
+        decoder = (jax.tree.map(lambda w: w.astype(cfg.dtype), state.params["decoder"]) if lcfg.full_finetune
+                   else merge_lora(base, state.params["lora"], lcfg.lora, cfg))
+        summary["export"] = export_hf(jax.device_get(decoder), cfg, config.export.hf_dir, tokenizer=tokenizer,
+                                      overwrite=config.export.overwrite)
+        print(f"decoder exported to {summary['export']} (projection params stay in the checkpoint)", flush=True)
+
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary

@@ -1,0 +1,82 @@
+"""The LIT computation for one batch: extract -> gather -> project -> decode with writes -> cross-entropy.
+
+Pure and jittable; the training and evaluation steps differentiate or sum it. The
+target is the frozen base (no LoRA, stopped after the last read layer, no gradient);
+the decoder is the base plus LoRA (or its own fully fine-tuned weights).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lit_jax.lit.config import LitConfig
+from lit_jax.lit.projection import project
+from lit_jax.models import llama
+from lit_jax.models.config import ModelConfig
+from lit_jax.models.residual import ResidualWrite
+
+BATCH_KEYS = ("read_tokens", "read_valid", "read_positions", "slot_mask", "decoder_tokens", "decoder_valid",
+              "write_positions", "loss_mask", "read_layer")
+
+
+class LossSums(NamedTuple):
+    """Sums over a batch; divide by `count` for means (exact under gradient accumulation)."""
+
+    loss: jax.Array  # summed token cross-entropy
+    correct: jax.Array  # target tokens predicted exactly (argmax)
+    count: jax.Array  # target tokens
+    tokens: jax.Array  # decoder tokens processed (not padding)
+
+
+def read_activations(base: llama.Params, batch: dict, cfg: ModelConfig, lcfg: LitConfig) -> jax.Array:
+    """The target's residual stream at each example's read layer, gathered at its read positions: [B, S, D]."""
+    hidden = llama.forward(base, batch["read_tokens"], cfg, valid=batch["read_valid"],
+                           collect_layers=lcfg.read_layers).hidden  # [n, B, R, D]
+    hidden = jax.lax.stop_gradient(hidden)
+    layers = jnp.asarray(sorted(set(lcfg.read_layers)))
+    which = jnp.argmax(batch["read_layer"][:, None] == layers[None, :], axis=1)  # [B]
+    per_example = hidden[which, jnp.arange(hidden.shape[1])]  # [B, R, D]
+    return jnp.take_along_axis(per_example, batch["read_positions"][..., None], axis=1)
+
+
+def target_positions(loss_mask: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+    """Indices of the first `num` target tokens per row (ascending) and whether each is real."""
+    order = jnp.argsort(~loss_mask, axis=1, stable=True)[:, :num]
+    return order, jnp.take_along_axis(loss_mask, order, axis=1)
+
+
+def lit_loss_sums(
+    trainable: dict, base: llama.Params, batch: dict, cfg: ModelConfig, lcfg: LitConfig
+) -> LossSums:
+    acts = read_activations(base, batch, cfg, lcfg)
+    if lcfg.ablate == "zeros":
+        acts = jnp.zeros_like(acts)
+    vectors = project(trainable["proj"], acts, lcfg)
+
+    if lcfg.full_finetune:
+        decoder = jax.tree.map(lambda w: w.astype(cfg.dtype), trainable["decoder"])
+        lora, scale = None, 1.0
+    else:
+        decoder, lora, scale = base, trainable["lora"], lcfg.lora.scale
+
+    num = min(lcfg.max_answer_tokens, batch["decoder_tokens"].shape[1] - 1)
+    idx, real = target_positions(batch["loss_mask"], num)
+    out = llama.forward(
+        decoder, batch["decoder_tokens"], cfg, valid=batch["decoder_valid"], lora=lora, lora_scale=scale,
+        write=ResidualWrite(vectors, batch["write_positions"], batch["slot_mask"]),
+        write_layer=lcfg.write_layer, write_mode=lcfg.write_mode,
+        logits_at=jnp.maximum(idx - 1, 0),  # logits at t-1 predict token t
+    )
+    targets = jnp.take_along_axis(batch["decoder_tokens"], idx, axis=1)
+    logp = jax.nn.log_softmax(out.logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    w = real.astype(jnp.float32)
+    return LossSums(
+        loss=jnp.sum(nll * w),
+        correct=jnp.sum((jnp.argmax(out.logits, -1) == targets) * w),
+        count=jnp.sum(w),
+        tokens=jnp.sum(batch["decoder_valid"]).astype(jnp.float32),
+    )

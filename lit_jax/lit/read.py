@@ -1,0 +1,95 @@
+"""Reading: ask a trained decoder questions about a target's activations.
+
+    reader = Reader(base, trainable, cfg, lcfg, tokenizer, data_cfg)
+    reader.ask([tokenize_read(tokenizer, dialog, read_from_turn=1)], ["What persona will the assistant adopt?"])
+
+The target runs on each read dialog (no adapters, stopped after the read layer), the
+activations at the read positions are projected and written into the decoder's prompt
+placeholders during prefill, and the answer is generated with the KV cache. One
+compiled function per (batch, read length, prompt length) bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lit_jax.data import decoder_prompt
+from lit_jax.generate import SamplingConfig, end_token_ids, generate_tokens, pad_batch
+from lit_jax.lit.config import LitConfig
+from lit_jax.lit.loss import read_activations
+from lit_jax.lit.projection import project
+from lit_jax.models.config import ModelConfig
+from lit_jax.models.residual import ResidualWrite
+from lit_jax.utils.tracing import count_trace
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "sampling", "eos_ids", "pad_id"))
+def answer_tokens(trainable, base, read: dict, prompt_tokens, prompt_valid, write_positions, rng, *,
+                  cfg: ModelConfig, lcfg: LitConfig, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
+    """Generated answer tokens [B, N] and lengths [B] for a batch of reads and decoder prompts."""
+    count_trace("answer_tokens")
+    acts = read_activations(base, read, cfg, lcfg)
+    if lcfg.ablate == "zeros":
+        acts = jnp.zeros_like(acts)
+    vectors = project(trainable["proj"], acts, lcfg)
+    if lcfg.full_finetune:
+        decoder, lora, scale = jax.tree.map(lambda w: w.astype(cfg.dtype), trainable["decoder"]), None, 1.0
+    else:
+        decoder, lora, scale = base, trainable["lora"], lcfg.lora.scale
+    return generate_tokens(
+        decoder, prompt_tokens, prompt_valid, rng, cfg=cfg, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+        write=ResidualWrite(vectors, write_positions, read["slot_mask"]), write_layer=lcfg.write_layer,
+        write_mode=lcfg.write_mode, lora=lora, lora_scale=scale,
+    )
+
+
+class Reader:
+    def __init__(self, base, trainable: dict, cfg: ModelConfig, lcfg: LitConfig, tokenizer: Any, data_cfg: Any,
+                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=48)):
+        self.base, self.trainable, self.cfg, self.lcfg = base, trainable, cfg, lcfg
+        self.tokenizer, self.data_cfg, self.sampling = tokenizer, data_cfg, sampling
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+    def ask(self, reads: Sequence[tuple[np.ndarray, np.ndarray]], questions: Sequence[str], *,
+            layer: int | None = None, seed: int = 0) -> list[str]:
+        """One answer per (read, question) pair; a read is (read_tokens, read_positions) from tokenize_read."""
+        if len(reads) != len(questions):
+            raise ValueError(f"{len(reads)} reads but {len(questions)} questions")
+        if not reads:
+            return []
+        layer = self.lcfg.read_layers[0] if layer is None else layer
+        if layer not in self.lcfg.read_layers:
+            raise ValueError(f"layer {layer} was not trained; trained read layers: {self.lcfg.read_layers}")
+        tokens, valid = pad_batch([r[0] for r in reads], self.pad_id, side="right")
+        slots = max(len(r[1]) for r in reads)
+        slots = -(-slots // 8) * 8  # bucket the slot count too
+        positions = np.zeros((len(reads), slots), np.int32)
+        slot_mask = np.zeros((len(reads), slots), bool)
+        prompts, write_positions = [], np.zeros((len(reads), slots), np.int32)
+        for i, ((_, pos), q) in enumerate(zip(reads, questions)):
+            if len(pos) == 0:
+                raise ValueError(f"read {i} has an empty read span")
+            positions[i, : len(pos)] = pos
+            slot_mask[i, : len(pos)] = True
+            p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos), layer=layer)
+            prompts.append(p.tokens)
+            write_positions[i, : len(pos)] = p.write_positions
+        prompt_tokens, prompt_valid = pad_batch(prompts, self.pad_id, side="right")
+        read = {
+            "read_tokens": jnp.asarray(tokens), "read_valid": jnp.asarray(valid),
+            "read_positions": jnp.asarray(positions), "slot_mask": jnp.asarray(slot_mask),
+            "read_layer": jnp.full((len(reads),), layer, jnp.int32),
+        }
+        out, lengths = answer_tokens(
+            self.trainable, self.base, read, jnp.asarray(prompt_tokens), jnp.asarray(prompt_valid),
+            jnp.asarray(write_positions), jax.random.key(seed), cfg=self.cfg, lcfg=self.lcfg,
+            sampling=self.sampling, eos_ids=end_token_ids(self.cfg, self.tokenizer), pad_id=self.pad_id,
+        )
+        out, lengths = np.asarray(out), np.asarray(lengths)
+        return [self.tokenizer.decode(out[i, : lengths[i]], skip_special_tokens=True).strip()
+                for i in range(len(reads))]

@@ -1,0 +1,170 @@
+"""The training loop: progress bar, periodic held-out evaluation, metrics, checkpoints, resume.
+
+Flat and readable on purpose (big_vision style): everything heavy happens inside the
+jitted step; the host only feeds batches, reads metrics every `log_every` steps (the
+only host syncs), and starts async checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from lit_jax import sharding as shd
+from lit_jax.lit.checkpoint import Checkpointer
+from lit_jax.lit.config import LitConfig
+from lit_jax.lit.loss import BATCH_KEYS
+from lit_jax.lit.metrics import MetricsWriter, plot_loss_curve
+from lit_jax.lit.train_state import TrainState, init_state, init_trainable, make_optimizer, trainable_axes
+from lit_jax.lit.train_step import jit_eval_step, jit_train_step
+from lit_jax.models import llama
+from lit_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    accum_steps: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the start and the end
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+
+
+class TrainResult(dict):
+    """Summary of a run: first/last held-out metrics, steps, wall time, paths."""
+
+
+def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """The step's fields of a host batch, as global arrays sharded over the batch axes."""
+    return shd.host_batch_to_global({k: batch[k] for k in BATCH_KEYS}, mesh)
+
+
+def check_batch(batch: dict[str, np.ndarray], lcfg: LitConfig) -> None:
+    """Host-side checks that would otherwise silently change the loss."""
+    most = int(batch["loss_mask"].sum(axis=1).max())
+    if most > lcfg.max_answer_tokens:
+        raise ValueError(
+            f"an example has {most} target tokens > lit.max_answer_tokens={lcfg.max_answer_tokens}; raise it"
+        )
+    unknown = set(np.unique(batch["read_layer"][batch["slot_mask"].any(axis=1)]).tolist()) - set(lcfg.read_layers)
+    if unknown:
+        raise ValueError(f"batch reads layers {sorted(unknown)} not in lit.read_layers={lcfg.read_layers}")
+
+
+def evaluate(eval_step, params, base, batches: Iterable[dict], mesh, lcfg: LitConfig) -> dict[str, float]:
+    """Held-out answer loss and token accuracy over every batch (padding rows carry no targets)."""
+    totals = np.zeros(3)
+    for batch in batches:
+        check_batch(batch, lcfg)
+        s = eval_step(params, base, device_batch(batch, mesh))
+        totals += np.array([float(s.loss), float(s.correct), float(s.count)])
+    if totals[2] == 0:
+        raise ValueError("held-out split has no target tokens")
+    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "target_tokens": totals[2]}
+
+
+def train(
+    *,
+    cfg: ModelConfig,
+    lcfg: LitConfig,
+    tcfg: TrainConfig,
+    base: llama.Params,
+    mesh,
+    train_batches: Iterator[dict],
+    heldout_batches: Callable[[], Iterable[dict]] | None,
+    workdir: str,
+    meta: dict[str, Any] | None = None,
+) -> tuple[TrainState, TrainResult]:
+    """Trains (resuming from the latest checkpoint in `workdir/checkpoints` if any)."""
+    t_start = time.time()
+    is_main = jax.process_index() == 0
+    optimizer = make_optimizer(tcfg.lr, tcfg.warmup_steps, tcfg.steps, weight_decay=tcfg.weight_decay,
+                               clip_norm=tcfg.clip_norm)
+    params = init_trainable(jax.random.key(tcfg.seed), cfg, lcfg, base)
+    params = jax.device_put(params, shd.tree_shardings(trainable_axes(cfg, lcfg), params, mesh))
+    state = init_state(params, optimizer)
+    state_sharding = shd.placed_like(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    # Fixed output shardings: the donated state comes back laid out as it went in (no re-layout, no recompiles).
+    step_fn = jit_train_step(cfg, lcfg, optimizer, tcfg.accum_steps,
+                             out_shardings=(state_sharding, shd.replicated(mesh)))
+    eval_step = jit_eval_step(cfg, lcfg)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints,
+                        async_save=tcfg.async_checkpoints)
+    result = TrainResult(workdir=workdir)
+
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(latest, state)
+        train_batches.set_state(data_state)
+        start = int(state.step)
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
+        result["resumed_from"] = start
+
+    def run_eval(step: int, params: dict) -> None:
+        if heldout_batches is None:
+            return
+        m = evaluate(eval_step, params, base, heldout_batches(), mesh, lcfg)
+        writer.write(step, "heldout", m)
+        result.setdefault("heldout_first", {"step": step, **m})
+        result["heldout_last"] = {"step": step, **m}
+        logging.info("step %d held-out: %s", step, m)
+
+    try:
+        if start == 0:
+            run_eval(0, state.params)
+        pending: list[tuple[int, dict]] = []
+        window_t, window_tokens = time.time(), 0.0
+        bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc="train", disable=not is_main,
+                   dynamic_ncols=True)
+        for step in bar:
+            batch = next(train_batches)
+            check_batch(batch, lcfg)
+            state, metrics = step_fn(state, base, device_batch(batch, mesh))
+            pending.append((step + 1, metrics))
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                host = [(s, {k: float(v) for k, v in m.items()}) for s, m in pending]  # the host sync
+                pending.clear()
+                for s, m in host:
+                    writer.write(s, "train", m)
+                window_tokens += sum(m["decoder_tokens"] for _, m in host)
+                last = host[-1][1]
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}",
+                                tok_s=f"{window_tokens / max(time.time() - window_t, 1e-9):.0f}")
+                window_t, window_tokens = time.time(), 0.0
+                result["train_last"] = {"step": done, **last}
+            if done == tcfg.steps:
+                break
+            if tcfg.eval_every and done % tcfg.eval_every == 0:
+                run_eval(done, state.params)
+            if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0:
+                ckpt.save(done, state, train_batches.get_state(), meta)
+        bar.close()
+        run_eval(tcfg.steps, state.params)
+        if start < tcfg.steps:
+            ckpt.save(tcfg.steps, state, train_batches.get_state(), meta)
+    finally:  # also on interrupt: let an in-flight async save finish, flush metrics
+        ckpt.close()
+        writer.close()
+    if is_main:
+        result["loss_curve"] = plot_loss_curve(writer.jsonl_path, os.path.join(workdir, "loss_curve.png"))
+    result["steps"] = tcfg.steps
+    result["wall_s"] = time.time() - t_start
+    return state, result

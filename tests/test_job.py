@@ -1,0 +1,106 @@
+"""The LIT job end to end (tiny config through the CLI), and the Llama-3-8B config compiling abstractly."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lit_jax import sharding as shd
+from lit_jax.hf import load_params
+from lit_jax.lit.job import lit_config, train_config
+from lit_jax.lit.train_state import init_state, init_trainable, make_optimizer, trainable_axes
+from lit_jax.lit.train_step import jit_train_step
+from lit_jax.models import llama
+from lit_jax.models.config import from_hf_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, ROOT)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    export = workdir / "export"
+    r = subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                        f"--config.export.hf_dir={export}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return workdir, export, r.stdout
+
+
+def test_tiny_job_trains_evaluates_and_answers(tiny_run):
+    workdir, _, stdout = tiny_run
+    summary = json.load(open(workdir / "summary.json"))
+    assert summary["heldout_first"]["step"] == 0 and summary["heldout_last"]["step"] == 30
+    assert summary["heldout_last"]["loss"] < summary["heldout_first"]["loss"]
+    train = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"train"' in line]
+    assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]])
+    assert len(summary["demo"]) == 2 and all(row["question"] and row["true_answer"] for row in summary["demo"])
+    assert "held-out answer loss" in stdout and "decoded:" in stdout
+    assert (workdir / "loss_curve.png").exists()
+
+
+def test_tiny_job_resumes_instead_of_restarting(tiny_run):
+    workdir, _, _ = tiny_run
+    r = subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                        "--config.demo.num_examples=0"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.load(open(workdir / "summary.json"))
+    assert summary["resumed_from"] == 30
+
+
+def test_exported_decoder_is_the_merged_model(tiny_run):
+    _, export, _ = tiny_run
+    cfg, params = load_params(str(export))
+    assert cfg.vocab_size == 49152 and cfg.num_layers == 4
+    assert os.path.exists(export / "tokenizer.json")
+
+
+def test_llama3_8b_config_loads_and_its_step_compiles_abstractly():
+    config = _config("llama3_8b").get_config()
+    cfg = from_hf_dict(config_json := _config("llama3_8b").HF_CONFIG, dtype=config.model.dtype,
+                       scan_layers=config.model.scan_layers, remat=config.model.remat)
+    assert config_json["num_hidden_layers"] == 32 and cfg.num_kv_heads == 8
+    lcfg, tcfg = lit_config(config), train_config(config)
+    assert lcfg.read_layers == (15,) and lcfg.write_layer == 0 and lcfg.lora.rank == 16
+    mesh = shd.make_mesh(tuple(config.mesh.shape))  # all 8 fake devices on fsdp
+    base = llama.param_shapes(cfg)
+    base = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base,
+                        shd.tree_shardings(llama.param_axes(cfg), base, mesh))
+    assert base["layers"]["gate_up"].sharding.spec[1] == "fsdp"
+    opt = make_optimizer(tcfg.lr, tcfg.warmup_steps, tcfg.steps)
+    params = jax.eval_shape(lambda: init_trainable(jax.random.key(0), cfg, lcfg))
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), params,
+                          shd.tree_shardings(trainable_axes(cfg, lcfg), params, mesh))
+    state = jax.eval_shape(lambda p: init_state(p, opt), params)
+    B, R, S, T = config.data.batch_size, 256, 128, 320
+    batch = {
+        "read_tokens": (B, R, jnp.int32), "read_valid": (B, R, bool), "read_positions": (B, S, jnp.int32),
+        "slot_mask": (B, S, bool), "decoder_tokens": (B, T, jnp.int32), "decoder_valid": (B, T, bool),
+        "write_positions": (B, S, jnp.int32), "loss_mask": (B, T, bool), "read_layer": (B, None, jnp.int32),
+    }
+    batch = {k: jax.ShapeDtypeStruct((b,) + ((n,) if n else ()), dt, sharding=shd.batch_sharding(mesh, 2 if n else 1))
+             for k, (b, n, dt) in batch.items()}
+    lowered = jit_train_step(cfg, lcfg, opt).lower(state, base, batch)
+    text = lowered.as_text()
+    assert "tensor<32x4096x8x6x128xbf16>" in text  # the stacked bf16 q|k|v weights of all 32 layers
+    out_state, metrics = jax.eval_shape(jit_train_step(cfg, lcfg, opt), state, base, batch)
+    assert out_state.params["lora"]["q"]["a"].shape == (32, 16, 4096)
+    assert metrics["loss"].shape == ()
