@@ -30,12 +30,12 @@ def lit_config() -> ConfigDict:
         lora_rank=16,
         lora_alpha=32.0,
         lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
-        max_answer_tokens=96,  # LatentQA answers reach 83 target tokens (92 with the acknowledgement)
         ablate="none",  # none | zeros: train/evaluate with every read activation replaced by 0
     ))
     c.train = ConfigDict(dict(
         steps=100, lr=2e-4, warmup_steps=10, weight_decay=0.0, clip_norm=1.0, accum_steps=1,
         log_every=10, eval_every=0, checkpoint_every=50, keep_checkpoints=2, async_checkpoints=True,
+        eval_examples=0,  # held-out examples evaluated (evenly spread, fixed); 0: all
     ))
     c.demo = ConfigDict(dict(num_examples=3, source_contains="system", max_new_tokens=40))
     c.export = ConfigDict(dict(hf_dir="", overwrite=False))  # "": no export of the merged decoder

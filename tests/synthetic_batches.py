@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from lit_jax.data.batching import target_positions
+
 
 def make_batch(batch=4, read_len=12, slots=3, dec_len=16, vocab=128, read_layer=1, seed=0):
     """Read spans of 2..slots tokens, written at decoder positions 1..; answers of 2..4 tokens at the end."""
@@ -31,6 +33,7 @@ def make_batch(batch=4, read_len=12, slots=3, dec_len=16, vocab=128, read_layer=
         b["decoder_tokens"][i, d_len:] = 0
         ans = 2 + i % 3
         b["loss_mask"][i, d_len - ans:d_len] = True
+    b["target_positions"], b["target_mask"] = target_positions(b["loss_mask"], 8)
     return b
 
 

@@ -66,11 +66,31 @@ def test_tiny_job_resumes_instead_of_restarting(tiny_run):
     assert summary["resumed_from"] == 30
 
 
+def test_activation_oracle_style_job_runs(tmp_path):
+    """Oracle prompts, a read layer sampled per example from two, norm-matched addition after block 1."""
+    r = subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                        "--config.data.prompt_style=oracle", "--config.data.read_layers=(1,2)",
+                        "--config.lit.write_mode=add_norm_matched", "--config.lit.write_layer=1",
+                        "--config.train.steps=12", "--config.train.checkpoint_every=0", "--config.demo.num_examples=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["heldout_last"]["loss"] < summary["heldout_first"]["loss"]
+    assert summary["demo"][0]["question"]
+
+
 def test_exported_decoder_is_the_merged_model(tiny_run):
+    """The export is the random base (seeded) with the trained LoRA folded into the adapted weights only."""
     _, export, _ = tiny_run
-    cfg, params = load_params(str(export))
+    cfg, exported = load_params(str(export))
     assert cfg.vocab_size == 49152 and cfg.num_layers == 4
     assert os.path.exists(export / "tokenizer.json")
+    base = jax.device_get(llama.init_params(jax.random.key(0), cfg))  # configs/tiny.py: seed 0
+    np.testing.assert_array_equal(exported["embed"], base["embed"])
+    np.testing.assert_array_equal(exported["layers"]["attn_norm"], base["layers"]["attn_norm"])
+    for name in ("qkv", "o", "gate_up", "down"):
+        delta = np.abs(exported["layers"][name] - base["layers"][name]).max()
+        assert 1e-6 < delta < 1.0, name
 
 
 def test_llama3_8b_config_loads_and_its_step_compiles_abstractly():
@@ -94,13 +114,14 @@ def test_llama3_8b_config_loads_and_its_step_compiles_abstractly():
     batch = {
         "read_tokens": (B, R, jnp.int32), "read_valid": (B, R, bool), "read_positions": (B, S, jnp.int32),
         "slot_mask": (B, S, bool), "decoder_tokens": (B, T, jnp.int32), "decoder_valid": (B, T, bool),
-        "write_positions": (B, S, jnp.int32), "loss_mask": (B, T, bool), "read_layer": (B, None, jnp.int32),
+        "write_positions": (B, S, jnp.int32), "target_positions": (B, 64, jnp.int32), "target_mask": (B, 64, bool),
+        "read_layer": (B, None, jnp.int32),
     }
     batch = {k: jax.ShapeDtypeStruct((b,) + ((n,) if n else ()), dt, sharding=shd.batch_sharding(mesh, 2 if n else 1))
              for k, (b, n, dt) in batch.items()}
     lowered = jit_train_step(cfg, lcfg, opt).lower(state, base, batch)
     text = lowered.as_text()
-    assert "tensor<32x4096x8x6x128xbf16>" in text  # the stacked bf16 q|k|v weights of all 32 layers
+    assert "tensor<32x4096x6144xbf16>" in text  # the stacked bf16 q|k|v weights of all 32 layers
     out_state, metrics = jax.eval_shape(jit_train_step(cfg, lcfg, opt), state, base, batch)
     assert out_state.params["lora"]["q"]["a"].shape == (32, 16, 4096)
     assert metrics["loss"].shape == ()

@@ -177,3 +177,46 @@ def test_bad_lit_config_raises():
         LitConfig(projection="conv")
     with pytest.raises(ValueError, match="read_layers"):
         LitConfig(read_layers=())
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
+def test_remat_gives_the_same_loss_and_gradients(tiny, remat):
+    cfg, base, _ = tiny
+    lcfg = LitConfig(read_layers=(1,), write_layer=0, lora=LoraConfig(rank=4))
+    trainable = _random_trainable(cfg, lcfg)
+    batch = make_batch()
+
+    def grads(c):
+        return jax.value_and_grad(lambda p: lit_loss_sums(p, base, batch, c, lcfg).loss)(trainable)
+
+    (l0, g0), (l1, g1) = grads(cfg), grads(cfg.replace(remat=remat))
+    assert abs(float(l0) - float(l1)) < 1e-5
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_base_with_f32_trainables(tiny):
+    cfg, base, _ = tiny
+    cfg16 = cfg.replace(dtype="bfloat16")
+    base16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), base)
+    lcfg = LitConfig(read_layers=(1,), write_layer=0, projection="linear", lora=LoraConfig(rank=4))
+    opt = make_optimizer(1e-2, 0, 10)
+    state = init_state(init_trainable(jax.random.key(0), cfg16, lcfg), opt)
+    losses = []
+    step = jit_train_step(cfg16, lcfg, opt)
+    for _ in range(3):
+        state, m = step(state, base16, jax.device_put(make_batch()))
+        losses.append(float(m["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if hasattr(x, "dtype")
+               and jnp.issubdtype(x.dtype, jnp.floating))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_learning_rate_warms_up_then_decays():
+    from lit_jax.lit.train_state import learning_rate_schedule
+
+    sched = learning_rate_schedule(1e-3, warmup_steps=10, total_steps=110, final_fraction=0.1)
+    lrs = [float(sched(s)) for s in (0, 5, 10, 60, 110)]
+    assert lrs[0] == 0.0 and abs(lrs[1] - 5e-4) < 1e-9 and abs(lrs[2] - 1e-3) < 1e-9
+    assert 1e-4 < lrs[3] < 1e-3 and abs(lrs[4] - 1e-4) < 1e-9

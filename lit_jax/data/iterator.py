@@ -108,8 +108,9 @@ class BatchIterator:
         real = [int(i) for i in ids if i >= 0]
         fetched = iter(self.source.get_many(real))
         examples = [next(fetched) if i >= 0 else None for i in ids]
-        return collate(examples, ids, self.source.buckets[int(plan.buckets[k])], self.source.pad_id,
-                       self.source.default_layer)
+        b = int(plan.buckets[k])
+        return collate(examples, ids, self.source.buckets[b], self.source.pad_id, self.source.default_layer,
+                       self.source.bucket_targets[b])
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable; the same state is valid on every process."""

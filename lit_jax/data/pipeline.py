@@ -24,7 +24,7 @@ from lit_jax.data.source import ExampleSource
 from lit_jax.data.sources import expand_sources, read_all_sources
 from lit_jax.data.splits import split_by_label
 
-PIPELINE_VERSION = 1  # bump when the tokenization rules change: old tfds stores are then not reused
+PIPELINE_VERSION = 2  # bump when the tokenization rules change: old tfds stores are then not reused
 SPLITS = ("train", "heldout")
 # Settings that do not change the prepared examples (batching and storage only).
 NOT_CONTENT = ("batch_size", "shuffle_seed", "storage", "tfds_dir", "train_drop_remainder", "data_dir")
@@ -62,6 +62,16 @@ def fit_buckets(examples: dict[str, list[dict]], data_cfg: ConfigDict, bad: BadR
     return buckets, kept
 
 
+def bucket_targets(examples: dict[str, list[dict]], buckets, multiple: int) -> list[int]:
+    """Per bucket, the most target (loss) tokens of any example in it, rounded up: the step's logits count."""
+    most = [1] * len(buckets)
+    for split in SPLITS:
+        ids = assign_buckets(example_lengths(examples[split]), buckets)
+        for ex, b in zip(examples[split], ids):
+            most[b] = max(most[b], int(np.sum(ex["loss_mask"])))
+    return [-(-m // multiple) * multiple for m in most]
+
+
 def prepare_examples(data_cfg: ConfigDict, tokenizer: Any) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """({split: [example]}, meta shared by both splits). Bad records raise or are skipped per on_bad_record."""
     check_data_config(data_cfg)
@@ -75,7 +85,8 @@ def prepare_examples(data_cfg: ConfigDict, tokenizer: Any) -> tuple[dict[str, li
     buckets, examples = fit_buckets(examples, data_cfg, bad)
     bad.warn()
     meta = {
-        "buckets": [list(b) for b in buckets], "pad_id": pad_id_of(tokenizer), "read_layers": list(data_cfg.read_layers),
+        "buckets": [list(b) for b in buckets],
+        "bucket_targets": bucket_targets(examples, buckets, data_cfg.bucket_multiple), "pad_id": pad_id_of(tokenizer), "read_layers": list(data_cfg.read_layers),
         "placeholder": fmt.placeholder, "placeholder_id": fmt.placeholder_id, "end_of_turn_id": fmt.end_of_turn_id,
         "prompt_style": fmt.style, "skipped": bad.summary(),
     }

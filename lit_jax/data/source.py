@@ -28,6 +28,7 @@ class ExampleSource:
             raise ValueError(f"{split}: {len(data)} examples but {len(self.lengths)} length rows")
         self.buckets: tuple[tuple[int, int, int], ...] = tuple(tuple(int(v) for v in b) for b in meta["buckets"])
         self.bucket_ids = assign_buckets(self.lengths, self.buckets)
+        self.bucket_targets: tuple[int, ...] = tuple(int(p) for p in meta["bucket_targets"])
         if (self.bucket_ids < 0).any():
             raise ValueError(f"{split}: example {int(np.argmin(self.bucket_ids))} fits no bucket of {self.buckets}")
 
@@ -51,6 +52,15 @@ class ExampleSource:
     @property
     def default_layer(self) -> int:
         return int(self.meta["read_layers"][0])
+
+    def subset(self, count: int) -> "ExampleSource":
+        """`count` examples spread evenly over the split (deterministic), held in memory.
+
+        For periodic evaluation on a fixed sample; example ids refer to the subset."""
+        if count <= 0 or count >= len(self):
+            return self
+        ids = np.linspace(0, len(self) - 1, count).round().astype(int)
+        return ExampleSource(self.get_many(ids), self.lengths[ids], self.meta, self.split)
 
     def describe(self, example_id: int) -> dict[str, Any]:
         """The human-readable example: read dialog/text and span rule, question, true answer, label, origin."""

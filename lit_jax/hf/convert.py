@@ -72,10 +72,10 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
 
     layers = {
         "attn_norm": np.empty((L, D), dt),
-        "qkv": np.empty((L, D, H, G + 2, hd), dt),
+        "qkv": np.empty((L, D, H, G + 2, hd), dt),  # flattened to [L, D, H*(G+2)*hd] at the end
         "o": np.empty((L, H * G * hd, D), dt),
         "mlp_norm": np.empty((L, D), dt),
-        "gate_up": np.empty((L, D, 2, F), dt),
+        "gate_up": np.empty((L, D, F, 2), dt),  # flattened to [L, D, F*2] (interleaved) at the end
         "down": np.empty((L, F, D), dt),
     }
     if cfg.qkv_bias:
@@ -95,8 +95,8 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
         qkv[:, :, G] = fetch(p + "self_attn.k_proj.weight").T.reshape(D, H, hd)
         qkv[:, :, G + 1] = fetch(p + "self_attn.v_proj.weight").T.reshape(D, H, hd)
         layers["o"][i] = fetch(p + "self_attn.o_proj.weight").T
-        layers["gate_up"][i, :, 0] = fetch(p + "mlp.gate_proj.weight").T
-        layers["gate_up"][i, :, 1] = fetch(p + "mlp.up_proj.weight").T
+        layers["gate_up"][i, :, :, 0] = fetch(p + "mlp.gate_proj.weight").T
+        layers["gate_up"][i, :, :, 1] = fetch(p + "mlp.up_proj.weight").T
         layers["down"][i] = fetch(p + "mlp.down_proj.weight").T
         if cfg.qkv_bias:
             b = layers["qkv_bias"][i]
@@ -109,9 +109,11 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
             layers["q_norm"][i] = fetch(p + "self_attn.q_norm.weight")
             layers["k_norm"][i] = fetch(p + "self_attn.k_norm.weight")
 
+    layers["qkv"] = layers["qkv"].reshape(L, D, -1)
+    layers["gate_up"] = layers["gate_up"].reshape(L, D, -1)
     params = {
-        "embed": fetch("model.embed_tokens.weight").astype(dt),
-        "final_norm": fetch("model.norm.weight").astype(dt),
+        "embed": fetch("model.embed_tokens.weight").astype(dt, copy=False),
+        "final_norm": fetch("model.norm.weight").astype(dt, copy=False),
         "layers": layers,
     }
     if not cfg.tie_embeddings:
@@ -131,16 +133,16 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarr
     lay = params["layers"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        qkv = host(lay["qkv"][i])
+        qkv = host(lay["qkv"][i]).reshape(D, H, G + 2, hd)
         yield p + "input_layernorm.weight", host(lay["attn_norm"][i])
         yield p + "post_attention_layernorm.weight", host(lay["mlp_norm"][i])
         yield p + "self_attn.q_proj.weight", c(qkv[:, :, :G].reshape(D, -1).T)
         yield p + "self_attn.k_proj.weight", c(qkv[:, :, G].reshape(D, -1).T)
         yield p + "self_attn.v_proj.weight", c(qkv[:, :, G + 1].reshape(D, -1).T)
         yield p + "self_attn.o_proj.weight", c(host(lay["o"][i]).T)
-        gu = host(lay["gate_up"][i])
-        yield p + "mlp.gate_proj.weight", c(gu[:, 0].T)
-        yield p + "mlp.up_proj.weight", c(gu[:, 1].T)
+        gu = host(lay["gate_up"][i]).reshape(D, -1, 2)
+        yield p + "mlp.gate_proj.weight", c(gu[:, :, 0].T)
+        yield p + "mlp.up_proj.weight", c(gu[:, :, 1].T)
         yield p + "mlp.down_proj.weight", c(host(lay["down"][i]).T)
         if cfg.qkv_bias:
             b = host(lay["qkv_bias"][i])

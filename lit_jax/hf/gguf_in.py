@@ -128,7 +128,7 @@ def load_gguf(path: str, reader: gguf.GGUFReader | None = None, **run_options: A
         t = tensors.get(name)
         if t is None:
             raise CheckpointError(f"{path}: missing tensor for {name!r}")
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         if permute and name.endswith("q_proj.weight"):
             w = _unpermute(w, cfg.num_heads)
         elif permute and name.endswith("k_proj.weight"):

@@ -11,7 +11,7 @@ import os
 
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lit_jax.hf.gguf_in import field, open_gguf
 from lit_jax.models.config import UnsupportedModelError
@@ -86,6 +86,8 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         return tokenizer_from_gguf(source)
     if not os.path.isdir(source):
         raise FileNotFoundError(f"tokenizer directory {source!r} does not exist")
+    from transformers import AutoTokenizer  # imported here: with torch installed it pulls torch in (~200 MB)
+
     tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

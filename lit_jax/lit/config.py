@@ -16,7 +16,6 @@ class LitConfig:
     """read_layers: the target layer(s) read (several = sampled per example by the data pipeline).
     write_layer / write_mode: where and how activations enter the decoder.
     lora: decoder adapters; None = full fine-tune (the decoder keeps its own weights).
-    max_answer_tokens: logits are computed only at this many target positions per example.
     ablate: "zeros" replaces every read activation by 0 (the control that shows the
         decoder uses the activations).
     """
@@ -28,7 +27,6 @@ class LitConfig:
     norm_match: bool = False
     mlp_hidden: int = 0  # 0: the model's hidden size
     lora: LoraConfig | None = LoraConfig()
-    max_answer_tokens: int = 64
     ablate: str = "none"
 
     def __post_init__(self):
@@ -40,8 +38,6 @@ class LitConfig:
             raise ValueError(f"projection={self.projection!r}; expected one of {PROJECTIONS}")
         if self.ablate not in ABLATIONS:
             raise ValueError(f"ablate={self.ablate!r}; expected one of {ABLATIONS}")
-        if self.max_answer_tokens <= 0:
-            raise ValueError("max_answer_tokens must be positive")
 
     @property
     def full_finetune(self) -> bool:

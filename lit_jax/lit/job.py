@@ -48,12 +48,12 @@ def lit_config(config: ConfigDict) -> LitConfig:
     lora = None if c.full_finetune else LoraConfig(rank=c.lora_rank, alpha=c.lora_alpha, targets=tuple(c.lora_targets))
     return LitConfig(read_layers=tuple(int(x) for x in config.data.read_layers), write_layer=c.write_layer,
                      write_mode=c.write_mode, projection=c.projection, norm_match=c.norm_match,
-                     mlp_hidden=c.mlp_hidden, lora=lora, max_answer_tokens=c.max_answer_tokens, ablate=c.ablate)
+                     mlp_hidden=c.mlp_hidden, lora=lora, ablate=c.ablate)
 
 
 def train_config(config: ConfigDict) -> TrainConfig:
     return TrainConfig(**{f: config.train[f] for f in TrainConfig.__dataclass_fields__ if f in config.train},
-                       seed=config.seed)
+                       seed=config.seed)  # train.eval_examples is the job's (which held-out examples), not the loop's
 
 
 def demo_examples(heldout, n: int, source_contains: str) -> list[int]:
@@ -105,7 +105,7 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
             f"global batch {global_batch} (data.batch_size x processes) must divide by the data-parallel mesh size "
             f"{data_parallel} x train.accum_steps {config.train.accum_steps}; change data.batch_size or mesh.shape"
         )
-    base = jax.device_put(base, shd.tree_shardings(llama.param_axes(cfg), base, mesh))
+    base = shd.put_consuming(base, shd.tree_shardings(llama.param_axes(cfg), base, mesh))
     lcfg = lit_config(config)
     logging.info("model %s (%d params), mesh %s, %s", cfg.architecture, llama.num_params(base), dict(mesh.shape),
                  lcfg)
@@ -113,11 +113,12 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
     splits = build_splits(config.data, tokenizer)
     train_it = make_batch_iterator(splits["train"], config.data)
     heldout = splits["heldout"]
-    print(f"data: {len(splits['train'])} train / {len(heldout)} held-out examples, "
+    evaluated = heldout.subset(config.train.eval_examples)
+    print(f"data: {len(splits['train'])} train / {len(heldout)} held-out examples (evaluating on {len(evaluated)}), "
           f"buckets (R, S, T) {list(splits['train'].buckets)}", flush=True)
     meta = {"architecture": cfg.architecture, "lit": repr(lcfg)}
     state, result = train(cfg=cfg, lcfg=lcfg, tcfg=train_config(config), base=base, mesh=mesh,
-                          train_batches=train_it, heldout_batches=lambda: make_eval_iterator(heldout, config.data),
+                          train_batches=train_it, heldout_batches=lambda: make_eval_iterator(evaluated, config.data),
                           workdir=workdir, meta=meta)
     summary = dict(result)
     first, last = result.get("heldout_first"), result.get("heldout_last")

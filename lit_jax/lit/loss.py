@@ -19,7 +19,7 @@ from lit_jax.models.config import ModelConfig
 from lit_jax.models.residual import ResidualWrite
 
 BATCH_KEYS = ("read_tokens", "read_valid", "read_positions", "slot_mask", "decoder_tokens", "decoder_valid",
-              "write_positions", "loss_mask", "read_layer")
+              "write_positions", "target_positions", "target_mask", "read_layer")
 
 
 class LossSums(NamedTuple):
@@ -42,12 +42,6 @@ def read_activations(base: llama.Params, batch: dict, cfg: ModelConfig, lcfg: Li
     return jnp.take_along_axis(per_example, batch["read_positions"][..., None], axis=1)
 
 
-def target_positions(loss_mask: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
-    """Indices of the first `num` target tokens per row (ascending) and whether each is real."""
-    order = jnp.argsort(~loss_mask, axis=1, stable=True)[:, :num]
-    return order, jnp.take_along_axis(loss_mask, order, axis=1)
-
-
 def lit_loss_sums(
     trainable: dict, base: llama.Params, batch: dict, cfg: ModelConfig, lcfg: LitConfig
 ) -> LossSums:
@@ -62,8 +56,7 @@ def lit_loss_sums(
     else:
         decoder, lora, scale = base, trainable["lora"], lcfg.lora.scale
 
-    num = min(lcfg.max_answer_tokens, batch["decoder_tokens"].shape[1] - 1)
-    idx, real = target_positions(batch["loss_mask"], num)
+    idx, real = batch["target_positions"], batch["target_mask"]  # [B, P], P fixed per bucket
     out = llama.forward(
         decoder, batch["decoder_tokens"], cfg, valid=batch["decoder_valid"], lora=lora, lora_scale=scale,
         write=ResidualWrite(vectors, batch["write_positions"], batch["slot_mask"]),

@@ -5,12 +5,13 @@ Parameter layout (one dict; layers stacked on a leading `[n_layers]` axis):
   embed      [V, D]                       lm_head [D, V] (absent when tied)
   final_norm [D]
   layers/attn_norm [L, D]                 layers/mlp_norm [L, D]
-  layers/qkv [L, D, Hkv, G+2, hd]         per KV head: its G query heads, then k, then v;
-                                          one GEMM for q|k|v that shards cleanly over KV heads
+  layers/qkv [L, D, Hkv*(G+2)*hd]         per KV head: its G query heads, then k, then v;
+                                          one GEMM for q|k|v; contiguous per KV head for sharding
   layers/qkv_bias [L, Hkv, G+2, hd]       (Qwen2; attention_bias)
   layers/q_norm, k_norm [L, hd]           (Qwen3)
   layers/o [L, Hkv*G*hd, D]               layers/o_bias [L, D] (attention_bias)
-  layers/gate_up [L, D, 2, F]             one GEMM for gate|up
+  layers/gate_up [L, D, F*2]              one GEMM for gate|up, interleaved (gate_f, up_f) so a
+                                          contiguous shard holds matching pairs
   layers/down [L, F, D]
 
 `forward` reads the residual stream after a block (and stops there), writes vectors
@@ -44,10 +45,10 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     layers = {
         "attn_norm": ((L, D), ("layers", "norm")),
-        "qkv": ((L, D, H, G + 2, hd), ("layers", "embed", "kv_heads", None, "head_dim")),
+        "qkv": ((L, D, H * (G + 2) * hd), ("layers", "embed", "kv_heads")),
         "o": ((L, H * G * hd, D), ("layers", "heads", "embed")),
         "mlp_norm": ((L, D), ("layers", "norm")),
-        "gate_up": ((L, D, 2, F), ("layers", "embed", None, "mlp")),
+        "gate_up": ((L, D, F * 2), ("layers", "embed", "mlp")),
         "down": ((L, F, D), ("layers", "mlp", "embed")),
     }
     if cfg.qkv_bias:
@@ -152,7 +153,9 @@ def block(
     H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
 
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    qkv = jnp.einsum("btd,dhck->bthck", h, p["qkv"])
+    # Weights are 2-D and used as stored: a reshaped weight would make XLA:CPU materialise its
+    # transpose for the backward pass, and under scan autodiff would save a copy per layer.
+    qkv = jnp.einsum("btd,dj->btj", h, p["qkv"]).reshape(B, T, H, G + 2, hd)
     if cfg.qkv_bias:
         qkv = qkv + p["qkv_bias"]
     q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
@@ -179,9 +182,9 @@ def block(
     x = x + out
 
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate_up = jnp.einsum("btd,dcf->btcf", h, p["gate_up"])
-    gate = _plus_lora(gate_up[..., 0, :], h, lora, "gate", lora_scale)
-    up = _plus_lora(gate_up[..., 1, :], h, lora, "up", lora_scale)
+    gate_up = jnp.einsum("btd,dj->btj", h, p["gate_up"]).reshape(B, T, -1, 2)
+    gate = _plus_lora(gate_up[..., 0], h, lora, "gate", lora_scale)
+    up = _plus_lora(gate_up[..., 1], h, lora, "up", lora_scale)
     m = jax.nn.silu(gate) * up
     out = jnp.einsum("btf,fd->btd", m, p["down"])
     out = _plus_lora(out, m, lora, "down", lora_scale)
@@ -239,6 +242,11 @@ def run_blocks(
         one = jax.checkpoint(one, policy=_REMAT_POLICIES[cfg.remat])
 
     layers = params["layers"]
+    if isinstance(layers, (list, tuple)):  # unstacked (see unstack_layers): no slicing at all
+        for i in range(start, stop):
+            lp = jax.tree.map(lambda a: a[i], lora)
+            x, cache = one(x, layers[i], lp, i, cache)
+        return x, cache
     if not cfg.scan_layers:
         for i in range(start, stop):
             p, lp = jax.tree.map(lambda a: a[i], (layers, lora))

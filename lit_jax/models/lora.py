@@ -116,26 +116,27 @@ def merged_delta(lora_layer_stack: dict, name: str, scale: float) -> jax.Array:
 def merge_lora(params: dict, lora: dict, lcfg: LoraConfig, cfg: ModelConfig) -> dict:
     """Base params with the adapters folded in (for export / adapter-free inference).
 
-    Knows the packed layout of llama.py: q/k/v live in `qkv [L, D, Hkv, G+2, hd]`,
-    gate/up in `gate_up [L, D, 2, F]`.
+    Knows the packed layout of llama.py: q/k/v live in `qkv [L, D, Hkv*(G+2)*hd]`,
+    gate/up interleaved in `gate_up [L, D, F*2]`.
     """
-    L, D = cfg.num_layers, cfg.hidden_size
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     layers = dict(params["layers"])
 
-    def add(name: str, key: str, index, shape) -> None:
+    def add(name: str, key: str, unflat: tuple, index, shape) -> None:
         if name not in lora:
             return
         w = layers[key]
-        delta = merged_delta(lora, name, lcfg.scale).reshape(shape)
-        layers[key] = w.at[index].add(delta.astype(w.dtype))
+        delta = merged_delta(lora, name, lcfg.scale).reshape(shape).astype(w.dtype)
+        layers[key] = w.reshape(unflat).at[index].add(delta).reshape(w.shape)
 
     full = slice(None)
-    add("q", "qkv", (full, full, full, slice(0, G)), (L, D, H, G, hd))
-    add("k", "qkv", (full, full, full, G), (L, D, H, hd))
-    add("v", "qkv", (full, full, full, G + 1), (L, D, H, hd))
-    add("o", "o", (full,), (L, H * G * hd, D))
-    add("gate", "gate_up", (full, full, 0), (L, D, cfg.intermediate_size))
-    add("up", "gate_up", (full, full, 1), (L, D, cfg.intermediate_size))
-    add("down", "down", (full,), (L, cfg.intermediate_size, D))
+    qkv = (L, D, H, G + 2, hd)
+    add("q", "qkv", qkv, (full, full, full, slice(0, G)), (L, D, H, G, hd))
+    add("k", "qkv", qkv, (full, full, full, G), (L, D, H, hd))
+    add("v", "qkv", qkv, (full, full, full, G + 1), (L, D, H, hd))
+    add("o", "o", (L, H * G * hd, D), (full,), (L, H * G * hd, D))
+    add("gate", "gate_up", (L, D, F, 2), (full, full, full, 0), (L, D, F))
+    add("up", "gate_up", (L, D, F, 2), (full, full, full, 1), (L, D, F))
+    add("down", "down", (L, F, D), (full,), (L, F, D))
     return {**params, "layers": layers}

@@ -58,9 +58,15 @@ def test_batches_keep_the_contract(splits):
         seen_shapes.add((r, s, t))
         for k, dt in [("read_tokens", np.int32), ("read_valid", bool), ("read_positions", np.int32),
                       ("slot_mask", bool), ("decoder_tokens", np.int32), ("decoder_valid", bool),
-                      ("write_positions", np.int32), ("loss_mask", bool), ("read_layer", np.int32),
-                      ("example_id", np.int32)]:
+                      ("write_positions", np.int32), ("loss_mask", bool), ("target_positions", np.int32),
+                      ("target_mask", bool), ("read_layer", np.int32), ("example_id", np.int32)]:
             assert b[k].dtype == dt, k
+        # The target positions are exactly the loss mask, in order, within the bucket's fixed count.
+        p = b["target_positions"].shape[1]
+        assert p == src.bucket_targets[src.buckets.index((r, s, t))]
+        for row in range(bsz):
+            np.testing.assert_array_equal(b["target_positions"][row][b["target_mask"][row]],
+                                          np.flatnonzero(b["loss_mask"][row]))
         rows = np.arange(bsz)[:, None]
         assert (b["read_valid"][rows, b["read_positions"]] | ~b["slot_mask"]).all()
         assert (b["decoder_tokens"][rows, b["write_positions"]][b["slot_mask"]] == meta["placeholder_id"]).all()

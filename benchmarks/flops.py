@@ -1,0 +1,52 @@
+"""Matmul FLOPs of one LIT training step, counted analytically (what each implementation executes).
+
+Elementwise work (norms, softmax, rotary) is not counted: "FLOPs" here are the matmul
+FLOPs that a matmul peak is the ceiling for.
+"""
+
+from __future__ import annotations
+
+from lit_jax.models.config import ModelConfig
+from lit_jax.models.lora import projection_dims
+
+
+def _per_token_layer(cfg: ModelConfig) -> int:
+    """Multiply-adds of the projections of one block for one token."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return d * (q + 2 * kv) + q * d + 3 * d * f
+
+
+def _attention(cfg: ModelConfig, tokens: int, keys: int) -> int:
+    """Multiply-adds of QK^T and PV for `tokens` queries over `keys` keys, all heads."""
+    return 2 * tokens * keys * cfg.num_heads * cfg.head_dim
+
+
+def _lora(cfg: ModelConfig, rank: int, targets) -> int:
+    dims = projection_dims(cfg)
+    return sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int, targets: int, read_layer: int,
+                   rank: int, lora_targets, target_layers: int | None = None, logits_rows_target: int = 0,
+                   logits_rows_decoder: int | None = None, lm_head_lora: bool = False) -> dict[str, float]:
+    """FLOPs (2 x multiply-adds) of: the target forward, the decoder forward and backward.
+
+    target_layers: blocks the target runs (ours: read_layer + 1; a full forward: all).
+    logits_rows_*: rows the vocabulary projection is computed for (ours: targets only).
+    Backward: activation gradients only through frozen weights (same cost as the forward
+    matmuls), attention backward 2x its forward, LoRA backward 2x its forward.
+    """
+    n_target = read_layer + 1 if target_layers is None else target_layers
+    bt_r, bt_d = batch * read_len, batch * dec_len
+    layer, d, v = _per_token_layer(cfg), cfg.hidden_size, cfg.vocab_size
+    lora = _lora(cfg, rank, lora_targets)
+    rows_dec = batch * targets if logits_rows_decoder is None else logits_rows_decoder
+    head_lora = rank * (d + v) if lm_head_lora else 0
+    target = n_target * (bt_r * layer + _attention(cfg, bt_r, read_len)) + logits_rows_target * d * v
+    dec_fwd = cfg.num_layers * (bt_d * (layer + lora) + _attention(cfg, bt_d, dec_len)) + rows_dec * (d * v + head_lora)
+    dec_bwd = cfg.num_layers * (bt_d * (layer + 2 * lora) + 2 * _attention(cfg, bt_d, dec_len)) + rows_dec * (
+        d * v + 2 * head_lora)
+    out = {"target": 2 * target, "decoder_fwd": 2 * dec_fwd, "decoder_bwd": 2 * dec_bwd}
+    out["total"] = sum(out.values())
+    return out
