@@ -43,7 +43,9 @@ def test_make_mesh_errors():
     assert shd.make_mesh((-1, 2, 2)).shape == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-def _step_on(mesh, cfg, base_np, steps=2):
+def _step_on(mesh, cfg, base_np, steps=2, process=None):
+    """Losses and state after `steps` SGD steps on `mesh`; with `process=(index, count)` this
+    process feeds only its rows of each global batch (multi-host)."""
     lcfg = LitConfig(read_layers=(1,), write_layer=0, projection="linear", lora=LoraConfig(rank=4))
     opt = optax.sgd(0.5)  # exact comparison: Adam would amplify float noise in near-zero gradients
     base = jax.device_put(base_np, shd.tree_shardings(llama.param_axes(cfg), base_np, mesh))
@@ -55,6 +57,9 @@ def _step_on(mesh, cfg, base_np, steps=2):
     losses = []
     for s in range(steps):
         batch = {k: v for k, v in make_batch(batch=8, seed=s).items() if k != "example_id"}
+        if process is not None:
+            index, count = process
+            batch = {k: np.split(v, count)[index] for k, v in batch.items()}
         state, m = step(state, base, shd.host_batch_to_global(batch, mesh))
         losses.append(float(m["loss"]))
     return state, losses, base
@@ -77,32 +82,13 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 sys.path.insert(0, {root!r})
 import jax
 jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
-import numpy as np
-import optax
+assert jax.process_count() == 2 and len(jax.devices()) == 4
 from lit_jax import sharding as shd
 from lit_jax.hf import load_params
-from lit_jax.lit.config import LitConfig
-from lit_jax.lit.train_state import init_state, init_trainable, make_optimizer, trainable_axes
-from lit_jax.lit.train_step import jit_train_step
-from lit_jax.models import llama
-from lit_jax.models.lora import LoraConfig
-from tests.synthetic_batches import make_batch
-assert jax.process_count() == 2 and len(jax.devices()) == 4
+from tests.test_sharding import _step_on
 cfg, base_np = load_params({ckpt!r})
-mesh = shd.make_mesh((2, 2, 1))
-lcfg = LitConfig(read_layers=(1,), write_layer=0, projection="linear", lora=LoraConfig(rank=4))
-opt = optax.sgd(0.5)
-base = jax.device_put(base_np, shd.tree_shardings(llama.param_axes(cfg), base_np, mesh))
-params = init_trainable(jax.random.key(0), cfg, lcfg)
-params = jax.device_put(params, shd.tree_shardings(trainable_axes(cfg, lcfg), params, mesh))
-state = init_state(params, opt)
-state = jax.device_put(state, shd.placed_like(state, mesh))
-step = jit_train_step(cfg, lcfg, opt, out_shardings=(shd.placed_like(state, mesh), shd.replicated(mesh)))
-for s in range(2):
-    full = {{k: v for k, v in make_batch(batch=8, seed=s).items() if k != "example_id"}}
-    local = {{k: v[{pid} * 4:({pid} + 1) * 4] for k, v in full.items()}}   # this host's half
-    state, m = step(state, base, shd.host_batch_to_global(local, mesh))
-    print("LOSS", s, float(m["loss"]), flush=True)
+_, losses, _ = _step_on(shd.make_mesh((2, 2, 1)), cfg, base_np, process=({pid}, 2))
+print("LOSSES", *losses, flush=True)
 """
 
 
@@ -118,5 +104,6 @@ def test_two_processes_train_like_one(tiny_checkpoint, tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-        losses = [float(line.split()[2]) for line in out.splitlines() if line.startswith("LOSS")]
+        losses = [float(x) for line in out.splitlines() if line.startswith("LOSSES") for x in line.split()[1:]]
+        assert len(losses) == 2, out
         np.testing.assert_allclose(losses, expected, rtol=1e-5)

@@ -44,14 +44,14 @@ def test_loss_falls_and_outputs_are_written(tiny, tmp_path):
     assert len([r for r in rows if r["split"] == "train"]) == 12
     assert os.path.getsize(tmp_path / "loss_curve.png") > 1000
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
-    assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 12
+    assert Checkpointer.latest_step_in(str(tmp_path / "checkpoints")) == 12
 
 
 def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     full, _ = _run(tiny, tmp_path / "full", checkpoint_every=4, heldout=False)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny, tmp_path / "resumed", checkpoint_every=4, fail_at=6, heldout=False)
-    assert Checkpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 4
+    assert Checkpointer.latest_step_in(str(tmp_path / "resumed" / "checkpoints")) == 4
     resumed, result = _run(tiny, tmp_path / "resumed", checkpoint_every=4, heldout=False)
     assert result["resumed_from"] == 4
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
@@ -89,8 +89,8 @@ def test_kill_during_save_leaves_previous_checkpoint_restorable(tiny, tmp_path):
     script = KILL_SCRIPT.format(root=ROOT, ckpt=str(tmp_path / "hf"), workdir=str(tmp_path / "run"))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 9, r.stderr[-3000:]
-    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
-    assert ckpt.latest_step() in (2, 4)  # 4 only if its commit happened to finish first
+    latest = Checkpointer.latest_step_in(str(tmp_path / "run" / "checkpoints"))
+    assert latest in (2, 4)  # 4 only if its commit happened to finish first
     # Resuming works from whatever is latest and finishes the run.
     state, result = _run(tiny, tmp_path / "run", checkpoint_every=2, heldout=False)
-    assert result["resumed_from"] == ckpt.latest_step() and int(state.step) == 8
+    assert result["resumed_from"] == latest and int(state.step) == 8

@@ -30,7 +30,12 @@ def _as_tree(state) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    """One per work dir and process. `clean_partial` removes half-written step dirs left by a
+    crash; only the writer should do that, so read-only probes (`latest_step_in`) pass False
+    and never race the writer's cleanup."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 clean_partial: bool = True):
         self.directory = os.path.abspath(directory)
         self._mngr = ocp.CheckpointManager(
             self.directory,
@@ -38,12 +43,21 @@ class Checkpointer:
                            "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True,
+                cleanup_tmp_directories=clean_partial,
             ),
         )
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
+
+    @staticmethod
+    def latest_step_in(directory: str) -> int | None:
+        """Latest complete step in `directory`, touching nothing there."""
+        probe = Checkpointer(directory, clean_partial=False)
+        try:
+            return probe.latest_step()
+        finally:
+            probe.close()
 
     def save(self, step: int, state, data_state: dict, meta: dict | None = None) -> None:
         """Starts saving (returns before the bytes are on disk when async)."""

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lit_jax.lit.config import LitConfig
+from lit_jax.models.residual import l2_norm
 
 
 def init_projection(key: jax.Array, dim: int, lcfg: LitConfig) -> dict:
@@ -35,10 +36,6 @@ def projection_axes(lcfg: LitConfig) -> dict:
     return {"w1": ("embed", "mlp"), "b1": ("mlp",), "w2": ("mlp", "embed"), "b2": (None,)}
 
 
-def _norm(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12)
-
-
 def project(params: dict, a: jax.Array, lcfg: LitConfig) -> jax.Array:
     """a [..., D] -> [..., D] in float32."""
     x = a.astype(jnp.float32)
@@ -49,5 +46,5 @@ def project(params: dict, a: jax.Array, lcfg: LitConfig) -> jax.Array:
     else:
         out = x + jax.nn.gelu(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
     if lcfg.norm_match:
-        out = out * (_norm(x) / _norm(out))
+        out = out * (l2_norm(x) / l2_norm(out))
     return out

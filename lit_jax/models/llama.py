@@ -242,11 +242,6 @@ def run_blocks(
         one = jax.checkpoint(one, policy=_REMAT_POLICIES[cfg.remat])
 
     layers = params["layers"]
-    if isinstance(layers, (list, tuple)):  # unstacked (see unstack_layers): no slicing at all
-        for i in range(start, stop):
-            lp = jax.tree.map(lambda a: a[i], lora)
-            x, cache = one(x, layers[i], lp, i, cache)
-        return x, cache
     if not cfg.scan_layers:
         for i in range(start, stop):
             p, lp = jax.tree.map(lambda a: a[i], (layers, lora))

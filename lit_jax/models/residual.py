@@ -26,7 +26,8 @@ class ResidualWrite(NamedTuple):
     mask: jax.Array
 
 
-def _l2(x: jax.Array) -> jax.Array:
+def l2_norm(x: jax.Array) -> jax.Array:
+    """Euclidean norm over the last axis (float32, keepdims)."""
     # sqrt(sum x^2 + tiny) keeps the gradient finite for an all-zero vector (ablations).
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True) + 1e-12)
 
@@ -44,5 +45,5 @@ def apply_write(h: jax.Array, write: ResidualWrite, mode: str) -> jax.Array:
         new = v
     else:
         current = h[rows, jnp.minimum(pos, length - 1)].astype(jnp.float32)
-        new = current + _l2(current) * v / _l2(v)
+        new = current + l2_norm(current) * v / l2_norm(v)
     return h.at[rows, pos].set(new.astype(h.dtype), mode="drop")
