@@ -17,6 +17,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "transformers>=4.51",
         "tokenizers>=0.21",
+        "jinja2>=3.1",  # chat templates (transformers renders them with it but does not require it)
         "tensorflow-datasets>=4.9.8",
         "array-record>=0.7",
         "ml-collections>=1.0",
