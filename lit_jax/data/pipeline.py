@@ -86,7 +86,8 @@ def prepare_examples(data_cfg: ConfigDict, tokenizer: Any) -> tuple[dict[str, li
     bad.warn()
     meta = {
         "buckets": [list(b) for b in buckets],
-        "bucket_targets": bucket_targets(examples, buckets, data_cfg.bucket_multiple), "pad_id": pad_id_of(tokenizer), "read_layers": list(data_cfg.read_layers),
+        "bucket_targets": bucket_targets(examples, buckets, data_cfg.bucket_multiple),
+        "pad_id": pad_id_of(tokenizer), "read_layers": list(data_cfg.read_layers),
         "placeholder": fmt.placeholder, "placeholder_id": fmt.placeholder_id, "end_of_turn_id": fmt.end_of_turn_id,
         "prompt_style": fmt.style, "skipped": bad.summary(),
     }

@@ -20,6 +20,7 @@ from lit_jax.generate import SamplingConfig
 from lit_jax.hf import export_hf, load_params, load_tokenizer
 from lit_jax.hf.smollm2 import resolve_model_path
 from lit_jax.lit.config import LitConfig
+from lit_jax.lit.loss import decoder_weights
 from lit_jax.lit.read import Reader
 from lit_jax.lit.train import TrainConfig, train
 from lit_jax.models import llama
@@ -135,8 +136,9 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
         print_demo(summary["demo"])
 
     if config.export.hf_dir and jax.process_index() == 0:
-        decoder = (jax.tree.map(lambda w: w.astype(cfg.dtype), state.params["decoder"]) if lcfg.full_finetune
-                   else merge_lora(base, state.params["lora"], lcfg.lora, cfg))
+        decoder, lora, _ = decoder_weights(state.params, base, cfg, lcfg)
+        if lora is not None:
+            decoder = merge_lora(base, lora, lcfg.lora, cfg)
         summary["export"] = export_hf(jax.device_get(decoder), cfg, config.export.hf_dir, tokenizer=tokenizer,
                                       overwrite=config.export.overwrite)
         print(f"decoder exported to {summary['export']} (projection params stay in the checkpoint)", flush=True)

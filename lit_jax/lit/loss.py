@@ -42,20 +42,26 @@ def read_activations(base: llama.Params, batch: dict, cfg: ModelConfig, lcfg: Li
     return jnp.take_along_axis(per_example, batch["read_positions"][..., None], axis=1)
 
 
+def written_vectors(trainable: dict, base: llama.Params, read: dict, cfg: ModelConfig, lcfg: LitConfig) -> jax.Array:
+    """What goes into the decoder's placeholders: the read activations (or zeros when ablated), projected."""
+    acts = read_activations(base, read, cfg, lcfg)
+    if lcfg.ablate == "zeros":
+        acts = jnp.zeros_like(acts)
+    return project(trainable["proj"], acts, lcfg)
+
+
+def decoder_weights(trainable: dict, base: llama.Params, cfg: ModelConfig, lcfg: LitConfig):
+    """(params, lora, lora_scale) of the decoder: the base plus LoRA, or its own fine-tuned weights."""
+    if lcfg.full_finetune:
+        return jax.tree.map(lambda w: w.astype(cfg.dtype), trainable["decoder"]), None, 1.0
+    return base, trainable["lora"], lcfg.lora.scale
+
+
 def lit_loss_sums(
     trainable: dict, base: llama.Params, batch: dict, cfg: ModelConfig, lcfg: LitConfig
 ) -> LossSums:
-    acts = read_activations(base, batch, cfg, lcfg)
-    if lcfg.ablate == "zeros":
-        acts = jnp.zeros_like(acts)
-    vectors = project(trainable["proj"], acts, lcfg)
-
-    if lcfg.full_finetune:
-        decoder = jax.tree.map(lambda w: w.astype(cfg.dtype), trainable["decoder"])
-        lora, scale = None, 1.0
-    else:
-        decoder, lora, scale = base, trainable["lora"], lcfg.lora.scale
-
+    vectors = written_vectors(trainable, base, batch, cfg, lcfg)
+    decoder, lora, scale = decoder_weights(trainable, base, cfg, lcfg)
     idx, real = batch["target_positions"], batch["target_mask"]  # [B, P], P fixed per bucket
     out = llama.forward(
         decoder, batch["decoder_tokens"], cfg, valid=batch["decoder_valid"], lora=lora, lora_scale=scale,

@@ -21,8 +21,7 @@ import numpy as np
 from lit_jax.data import decoder_prompt
 from lit_jax.generate import SamplingConfig, end_token_ids, generate_tokens, pad_batch
 from lit_jax.lit.config import LitConfig
-from lit_jax.lit.loss import read_activations
-from lit_jax.lit.projection import project
+from lit_jax.lit.loss import decoder_weights, written_vectors
 from lit_jax.models.config import ModelConfig
 from lit_jax.models.residual import ResidualWrite
 from lit_jax.utils.tracing import count_trace
@@ -33,14 +32,8 @@ def answer_tokens(trainable, base, read: dict, prompt_tokens, prompt_valid, writ
                   cfg: ModelConfig, lcfg: LitConfig, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
     """Generated answer tokens [B, N] and lengths [B] for a batch of reads and decoder prompts."""
     count_trace("answer_tokens")
-    acts = read_activations(base, read, cfg, lcfg)
-    if lcfg.ablate == "zeros":
-        acts = jnp.zeros_like(acts)
-    vectors = project(trainable["proj"], acts, lcfg)
-    if lcfg.full_finetune:
-        decoder, lora, scale = jax.tree.map(lambda w: w.astype(cfg.dtype), trainable["decoder"]), None, 1.0
-    else:
-        decoder, lora, scale = base, trainable["lora"], lcfg.lora.scale
+    vectors = written_vectors(trainable, base, read, cfg, lcfg)
+    decoder, lora, scale = decoder_weights(trainable, base, cfg, lcfg)
     return generate_tokens(
         decoder, prompt_tokens, prompt_valid, rng, cfg=cfg, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
         write=ResidualWrite(vectors, write_positions, read["slot_mask"]), write_layer=lcfg.write_layer,

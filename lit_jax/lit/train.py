@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
@@ -62,14 +63,15 @@ def check_batch(batch: dict[str, np.ndarray], lcfg: LitConfig) -> None:
 
 def evaluate(eval_step, params, base, batches: Iterable[dict], mesh, lcfg: LitConfig) -> dict[str, float]:
     """Held-out answer loss and token accuracy over every batch (padding rows carry no targets)."""
-    totals = np.zeros(3)
-    for batch in batches:
+    sums = None
+    for batch in batches:  # summed on device: one host sync at the end, not one per batch
         check_batch(batch, lcfg)
         s = eval_step(params, base, device_batch(batch, mesh))
-        totals += np.array([float(s.loss), float(s.correct), float(s.count)])
-    if totals[2] == 0:
+        sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+    if sums is None or float(sums.count) == 0:
         raise ValueError("held-out split has no target tokens")
-    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "target_tokens": totals[2]}
+    loss, correct, count = (float(x) for x in (sums.loss, sums.correct, sums.count))
+    return {"loss": loss / count, "accuracy": correct / count, "target_tokens": count}
 
 
 def train(
