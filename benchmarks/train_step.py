@@ -6,10 +6,14 @@ full forward with a hook capturing block 15's output, replacement at decoder blo
 forward hook, logits and loss over the whole sequence, AdamW.
 
 Both sides train on the same real LatentQA batches (rows with ~60 read and ~120 decoder
-tokens, padded to the batch's longest, rounded to 8). Each side runs in its own process
-(so peak RSS is its own); a third process measures the f32 matmul peak with numpy.
+tokens; the reference pads them to the batch's longest, rounded to 8; lit_jax packs each
+batch into prefix trees as its training loop does, `train.pack`). By default the 4 rows
+of a batch come from 4 different dialogs, as a shuffled epoch gives them; `--paired`
+takes 2 QA pairs from each of 2 dialogs, where packing also shares the dialog. Each side
+runs in its own process (so peak RSS is its own); another measures the f32 matmul peak
+with numpy.
 
-    python benchmarks/train_step.py [--steps 6] [--batches 3]
+    python benchmarks/train_step.py [--steps 6] [--batches 3] [--paired]
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def build_batches(path: str, n_batches: int, batch: int = 4) -> dict:
-    """Real LatentQA rows with 40..80 read and 100..140 decoder tokens, in batches of 4."""
+def build_batches(path: str, n_batches: int, paired: bool, batch: int = 4) -> dict:
+    """Real LatentQA rows with 40..80 read and 100..140 decoder tokens, in batches of 4.
+
+    paired: consecutive rows (the 2 QA pairs of each dialog); else one row per dialog.
+    """
     from lit_jax.data import default_data_config, prepare_examples
     from lit_jax.data.batching import collate
     from lit_jax.hf import load_tokenizer, smollm2_gguf_path
@@ -46,6 +53,13 @@ def build_batches(path: str, n_batches: int, batch: int = 4) -> dict:
     cfg.read_layers = (READ_LAYER,)
     examples, meta = prepare_examples(cfg, tok)
     rows = [e for e in examples["train"] if 40 <= len(e["read_tokens"]) <= 80 and 100 <= len(e["decoder_tokens"]) <= 140]
+    if not paired:
+        seen, distinct = set(), []
+        for e in rows:
+            if (key := e["read_tokens"].tobytes()) not in seen:
+                seen.add(key)
+                distinct.append(e)
+        rows = distinct
     rows = rows[: n_batches * batch]
     if len(rows) < n_batches * batch:
         raise SystemExit(f"only {len(rows)} rows in the length window")
@@ -95,8 +109,10 @@ def part_peak() -> dict:
     return {"peak_gflops": 2 * n**3 / float(np.median(times)) / 1e9}
 
 
-def part_jax(path: str, steps: int, remat: str) -> dict:
+def part_jax(path: str, steps: int, remat: str, pack: bool = True) -> dict:
     import jax
+
+    from lit_jax.data.packing import pack_batch
 
     from lit_jax import sharding as shd
     from lit_jax.hf import load_params
@@ -106,6 +122,10 @@ def part_jax(path: str, steps: int, remat: str) -> dict:
     from lit_jax.models.lora import LoraConfig
 
     batches = load_batches(path)
+    if pack:
+        t = time.perf_counter()
+        batches = [pack_batch(b) for b in batches]
+        pack_ms = 1e3 * (time.perf_counter() - t) / len(batches)
     cfg, base = load_params("smollm2", scan_layers=True, remat=remat)
     base = shd.put_consuming(base)
     lcfg = LitConfig(read_layers=(READ_LAYER,), write_layer=0, lora=LoraConfig(rank=RANK, alpha=ALPHA))
@@ -114,7 +134,7 @@ def part_jax(path: str, steps: int, remat: str) -> dict:
     mesh = shd.make_mesh(devices=jax.devices()[:1])
     state = jax.device_put(state, shd.placed_like(state, mesh))
     fn = jit_train_step(cfg, lcfg, opt, out_shardings=(shd.placed_like(state, mesh), shd.replicated(mesh)))
-    dev = [jax.device_put({k: v for k, v in b.items() if k != "example_id"}) for b in batches]
+    dev = [jax.device_put({k: v for k, v in b.items() if k not in ("example_id", "loss_mask")}) for b in batches]
     holder = {"state": state}
 
     def step(b):
@@ -123,7 +143,10 @@ def part_jax(path: str, steps: int, remat: str) -> dict:
 
     idx = {id(b): i for i, b in enumerate(batches)}
     times = time_steps(lambda b: step(dev[idx[id(b)]]), batches, steps)
-    return {"times": times, "rss_gb": peak_rss_gb(), "remat": remat}
+    shapes = [{k: list(v.shape) for k, v in b.items() if k in ("read_tokens", "decoder_tokens", "target_mask")}
+              for b in batches]
+    return {"times": times, "rss_gb": peak_rss_gb(), "remat": remat, "shapes": shapes,
+            **({"pack_ms": pack_ms} if pack else {})}
 
 
 def part_torch(path: str, steps: int) -> dict:
@@ -181,10 +204,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--part", choices=["peak", "jax", "torch"])
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--no-pack", dest="pack", action="store_false")
+    ap.add_argument("--paired", action="store_true", help="batches of 2 QA pairs from each of 2 dialogs")
     ap.add_argument("--data")
     args = ap.parse_args()
     if args.part:
-        fn = {"peak": lambda: part_peak(), "jax": lambda: part_jax(args.data, args.steps, args.remat),
+        fn = {"peak": lambda: part_peak(), "jax": lambda: part_jax(args.data, args.steps, args.remat, args.pack),
               "torch": lambda: part_torch(args.data, args.steps)}[args.part]
         print("RESULT " + json.dumps(fn()), flush=True)
         return
@@ -194,7 +219,7 @@ def main() -> None:
     from lit_jax.hf import load_params
 
     data = os.path.join(tempfile.mkdtemp(), "batches.npz")
-    info = build_batches(data, args.batches)
+    info = build_batches(data, args.batches, args.paired)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     results = {}
     runs = [("peak", "peak", []), ("jax", "jax", ["--remat", "none"]), ("torch", "torch", []),
@@ -207,34 +232,40 @@ def main() -> None:
             raise SystemExit(f"{part} failed:\n{r.stderr[-3000:]}")
         results[key] = json.loads(line[0][7:])
 
+    from lit_jax.data.packing import pack_batch
+
     cfg, _ = load_params("smollm2")
     batches = load_batches(data)
+    packed = [pack_batch(b) for b in batches]
     dec_tokens = np.mean([b["decoder_valid"].sum() for b in batches])
-    flops_ours, flops_ref = [], []
-    for b in batches:
+    flops_ours, flops_remat, flops_ref = [], [], []
+    for b, p in zip(batches, packed):
         B, R = b["read_tokens"].shape
         T, P = b["decoder_tokens"].shape[1], b["target_positions"].shape[1]
-        common = dict(batch=B, read_len=R, dec_len=T, read_layer=READ_LAYER, rank=RANK)
-        flops_ours.append(lit_step_flops(cfg, targets=P, lora_targets=TARGETS, **common)["total"])
-        flops_ref.append(lit_step_flops(cfg, targets=P, lora_targets=TARGETS, target_layers=cfg.num_layers,
-                                        logits_rows_target=B * R, logits_rows_decoder=B * T, lm_head_lora=True,
-                                        **common)["total"])
+        ours = lit_step_flops(cfg, batch=p["read_tokens"].shape[0], read_len=p["read_tokens"].shape[1],
+                              dec_len=p["decoder_tokens"].shape[1], targets=p["target_mask"].shape[1],
+                              read_layer=READ_LAYER, rank=RANK, lora_targets=TARGETS)
+        flops_ours.append(ours["total"])
+        flops_remat.append(ours["total"] + ours["decoder_fwd"])  # remat=full recomputes the decoder forward
+        flops_ref.append(lit_step_flops(cfg, batch=B, read_len=R, dec_len=T, targets=P, read_layer=READ_LAYER,
+                                        rank=RANK, lora_targets=TARGETS, target_layers=cfg.num_layers,
+                                        logits_rows_target=B * R, logits_rows_decoder=B * T, lm_head_lora=True
+                                        )["total"])
     peak = max(results["peak"]["peak_gflops"], results["peak2"]["peak_gflops"])
     print(f"machine: {machine()}")
-    print(f"batches: {args.batches} x 4 real LatentQA rows (mean {info['mean_read']:.0f} read / "
-          f"{info['mean_decoder']:.0f} decoder tokens); shapes (R, S, T, P): "
-          f"{[(b['read_tokens'].shape[1], b['read_positions'].shape[1], b['decoder_tokens'].shape[1], b['target_positions'].shape[1]) for b in batches]}")
+    print(f"batches: {args.batches} x 4 real LatentQA rows, {'2 dialogs x 2 QA pairs' if args.paired else '4 dialogs'}"
+          f" each (mean {info['mean_read']:.0f} read / {info['mean_decoder']:.0f} decoder tokens per row)")
+    print(f"  reference shapes (B, R, T): {[b['read_tokens'].shape + b['decoder_tokens'].shape[1:] for b in batches]}")
+    print(f"  lit_jax packed (rows, read, decoder, targets): {[(p['read_tokens'].shape[0], p['read_tokens'].shape[1], p['decoder_tokens'].shape[1], p['target_mask'].shape[1]) for p in packed]}"
+          f"; host packing {results['jax'].get('pack_ms', float('nan')):.1f} ms/batch")
+    print(f"  decoder tokens per batch {dec_tokens:.0f}; computed after packing "
+          f"{np.mean([p['decoder_valid'].sum() for p in packed]):.0f} (+ padding to a multiple of 16)")
     print(f"f32 matmul peak (numpy 2048^3, before/after): {results['peak']['peak_gflops']:.0f} / "
           f"{results['peak2']['peak_gflops']:.0f} GFLOP/s")
     print(f"\n{'implementation':32s} {'step s (median)':>15s} {'dec tok/s':>10s} {'GFLOP/step':>11s} "
           f"{'% of peak':>9s} {'peak RSS GB':>11s}")
     rows = {}
-    # remat=full recomputes the decoder forward during the backward pass: count it as executed.
-    flops_remat = [f + lit_step_flops(cfg, targets=b["target_positions"].shape[1], lora_targets=TARGETS, batch=4,
-                                      read_len=b["read_tokens"].shape[1], dec_len=b["decoder_tokens"].shape[1],
-                                      read_layer=READ_LAYER, rank=RANK)["decoder_fwd"]
-                   for f, b in zip(flops_ours, batches)]
-    for name, key, fl in (("lit_jax (scan)", "jax", flops_ours), ("lit_jax (scan, remat=full)", "jax_remat", flops_remat),
+    for name, key, fl in (("lit_jax (packed)", "jax", flops_ours), ("lit_jax (packed, remat=full)", "jax_remat", flops_remat),
                           ("PyTorch reference", "torch", flops_ref)):
         med = float(np.median(results[key]["times"]))
         gf = float(np.mean(fl)) / 1e9

@@ -36,6 +36,9 @@ def lit_config() -> ConfigDict:
         steps=100, lr=2e-4, warmup_steps=10, weight_decay=0.0, clip_norm=1.0, accum_steps=1,
         log_every=10, eval_every=0, checkpoint_every=50, keep_checkpoints=2, async_checkpoints=True,
         eval_examples=0,  # held-out examples evaluated (evenly spread, fixed); 0: all
+        pack=True,  # merge shared prefixes of a batch into prefix trees, drop padding (lit_jax/data/packing.py)
+        pack_multiple=16,  # packed lengths are rounded up to a multiple of this (fewer shapes to compile)
+        presize_batches=64,  # look-ahead train batches (and all held-out ones) that fix the packed sizes up front
     ))
     c.demo = ConfigDict(dict(num_examples=3, source_contains="system", max_new_tokens=40))
     c.export = ConfigDict(dict(hf_dir="", overwrite=False))  # "": no export of the merged decoder

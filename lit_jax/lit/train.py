@@ -8,6 +8,7 @@ only host syncs), and starts async checkpoint saves.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 from lit_jax import sharding as shd
 from lit_jax.lit.checkpoint import Checkpointer
 from lit_jax.lit.config import LitConfig
-from lit_jax.lit.loss import BATCH_KEYS
+from lit_jax.data.packing import GrowingSizes, bucket_key, pack_batch
+from lit_jax.lit.loss import step_keys
 from lit_jax.lit.metrics import MetricsWriter, plot_loss_curve
 from lit_jax.lit.train_state import TrainState, init_state, init_trainable, make_optimizer, trainable_axes
 from lit_jax.lit.train_step import jit_eval_step, jit_train_step
@@ -43,6 +45,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+    pack: bool = False  # merge each batch's shared prefixes and drop padding (data/packing.py)
+    pack_multiple: int = 16  # packed lengths are rounded up to this (fewer distinct shapes to compile)
+    presize_batches: int = 64  # look-ahead batches that set the packed sizes before the first step
 
 
 class TrainResult(dict):
@@ -50,13 +55,56 @@ class TrainResult(dict):
 
 
 def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """The step's fields of a host batch, as global arrays sharded over the batch axes."""
-    return shd.host_batch_to_global({k: batch[k] for k in BATCH_KEYS}, mesh)
+    """The step's fields of a host batch (packed or not), as global arrays sharded over the batch axes."""
+    return shd.host_batch_to_global({k: batch[k] for k in step_keys(batch)}, mesh)
+
+
+def packed_rows(mesh, accum_steps: int) -> int:
+    """Packed rows per host: one per batch shard this host feeds, per micro-batch."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return max(1, shards // jax.process_count()) * accum_steps
+
+
+class StepBatches:
+    """Iterator batches as the step takes them: packed into prefix trees when `tcfg.pack`.
+
+    Padded sizes grow per bucket (`GrowingSizes`); with several processes they are the
+    maximum over processes (one small host all-gather per batch), since every process
+    must feed arrays of the same shape.
+    """
+
+    def __init__(self, tcfg: TrainConfig, mesh):
+        self.tcfg, self.rows = tcfg, packed_rows(mesh, tcfg.accum_steps)
+        self.grow = GrowingSizes(tcfg.pack_multiple)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.tcfg.pack:
+            return batch
+        key = bucket_key(batch)
+
+        def sizes(needed: dict[str, int]) -> dict[str, int]:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                names = sorted(needed)
+                most = multihost_utils.process_allgather(np.asarray([needed[k] for k in names])).max(axis=0)
+                needed = dict(zip(names, (int(x) for x in most)))
+            return self.grow(key, needed)
+
+        return pack_batch(batch, self.rows, sizes=sizes)
+
+    def presize(self, batches: Iterable[dict]) -> None:
+        """Grows the sizes to fit `batches` now, so the run starts with the shapes it will mostly use."""
+        if self.tcfg.pack:
+            for batch in batches:
+                self(batch)
 
 
 def check_batch(batch: dict[str, np.ndarray], lcfg: LitConfig) -> None:
     """Host-side check that would otherwise silently read the wrong layer."""
-    unknown = set(np.unique(batch["read_layer"][batch["slot_mask"].any(axis=1)]).tolist()) - set(lcfg.read_layers)
+    layers = batch["slot_layer"][batch["slot_mask"]] if "slot_layer" in batch else \
+        batch["read_layer"][batch["slot_mask"].any(axis=1)]
+    unknown = set(np.unique(layers).tolist()) - set(lcfg.read_layers)
     if unknown:
         raise ValueError(f"batch reads layers {sorted(unknown)} not in lit.read_layers={lcfg.read_layers}")
 
@@ -100,6 +148,7 @@ def train(
     step_fn = jit_train_step(cfg, lcfg, optimizer, tcfg.accum_steps,
                              out_shardings=(state_sharding, shd.replicated(mesh)))
     eval_step = jit_eval_step(cfg, lcfg)
+    step_batch = StepBatches(tcfg, mesh)
     writer = MetricsWriter(workdir, enabled=is_main)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints,
                         async_save=tcfg.async_checkpoints)
@@ -117,11 +166,18 @@ def train(
     def run_eval(step: int, params: dict) -> None:
         if heldout_batches is None:
             return
-        m = evaluate(eval_step, params, base, heldout_batches(), mesh, lcfg)
+        m = evaluate(eval_step, params, base, (step_batch(b) for b in heldout_batches()), mesh, lcfg)
         writer.write(step, "heldout", m)
         result.setdefault("heldout_first", {"step": step, **m})
         result["heldout_last"] = {"step": step, **m}
         logging.info("step %d held-out: %s", step, m)
+
+    if tcfg.pack and tcfg.presize_batches:  # padded sizes from a look-ahead: fewer compilations later
+        saved = train_batches.get_state()
+        step_batch.presize(itertools.islice(train_batches, tcfg.presize_batches))
+        train_batches.set_state(saved)
+        if heldout_batches is not None:
+            step_batch.presize(heldout_batches())
 
     try:
         if start == 0:
@@ -131,7 +187,7 @@ def train(
         bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc="train", disable=not is_main,
                    dynamic_ncols=True)
         for step in bar:
-            batch = next(train_batches)
+            batch = step_batch(next(train_batches))
             check_batch(batch, lcfg)
             state, metrics = step_fn(state, base, device_batch(batch, mesh))
             pending.append((step + 1, metrics))

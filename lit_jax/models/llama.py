@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lit_jax.models import kv_cache as kvc
+from lit_jax.models.attention import attention
 from lit_jax.models.config import ModelConfig
 from lit_jax.models.lora import maybe_lora
 from lit_jax.models.residual import ResidualWrite, apply_write
@@ -120,22 +121,21 @@ def attention_mask(
     query_pos: jax.Array,
     key_filled: jax.Array,
     key_pos: jax.Array,
+    key_tree_end: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal (by slot order) and padding mask [B, T, S], plus Mistral's sliding window."""
+    """Causal (by slot order) and padding mask [B, T, S], plus Mistral's sliding window.
+
+    key_tree_end [B, S]: packed prefix trees (data/packing.py) in depth-first order; key s
+    is then visible only to the queries s..key_tree_end[s] (its subtree): each token sees
+    exactly its ancestors, as it would in its own unpacked sequence.
+    """
     key_slots = jnp.arange(key_filled.shape[1])
     mask = key_filled[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
+    if key_tree_end is not None:
+        mask &= query_slots[:, :, None] <= key_tree_end[:, None, :]
     if cfg.sliding_window is not None:
         mask &= (query_pos[:, :, None] - key_pos[:, None, :]) < cfg.sliding_window
     return mask
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,H,G,hd], k/v [B,S,H,hd], mask [B,T,S] -> [B,T,H,G,hd]."""
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgts,bshd->bthgd", probs, v)
 
 
 def block(
@@ -299,6 +299,7 @@ def forward(
     *,
     valid: jax.Array | None = None,
     positions: jax.Array | None = None,
+    tree_end: jax.Array | None = None,
     lora: Params | None = None,
     lora_scale: float = 1.0,
     write: ResidualWrite | None = None,
@@ -314,6 +315,8 @@ def forward(
 
     valid: [B, T] bool, False on padding (default: all True).
     positions: [B, T] rotary positions (default: `default_positions(valid)`).
+    tree_end: [B, T] for rows that pack a prefix tree of sequences (data/packing.py): the
+        last index of each token's subtree; pass the tree depths as `positions`.
     lora: adapter params (see lora.py), scaled by `lora_scale`.
     write: vectors written into the residual stream after block `write_layer`.
     stop_after_layer: return the residual after this block (HF `hidden_states[L+1]`),
@@ -344,11 +347,13 @@ def forward(
     cos, sin = rope_tables(cfg, positions)
     if cache is None:
         q_slots = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
-        mask = attention_mask(cfg, q_slots, positions, valid, positions)
+        mask = attention_mask(cfg, q_slots, positions, valid, positions, tree_end)
         ctx = AttentionContext(cos, sin, mask, None)
     else:
         if slots is None:
             raise ValueError("forward with a cache needs `slots`")
+        if tree_end is not None:
+            raise ValueError("packed trees (tree_end) are for training and scoring, not for a KV cache")
         cache = kvc.mark_filled(cache, slots, valid, positions)
         mask = attention_mask(cfg, slots, positions, cache.filled, cache.positions)
         ctx = AttentionContext(cos, sin, mask, slots)

@@ -1,0 +1,62 @@
+"""Grouped-query attention whose backward pass recomputes the probabilities (as FlashAttention does).
+
+Autodiff of a plain softmax attention saves the [T, S] scores and probabilities of every
+head of every layer for the backward pass, and its softmax backward reduces over that
+[T, S] array. Here the forward saves only q, k, v, the output and the per-row
+softmax max and normaliser; the backward recomputes the probabilities with one matmul and uses
+delta = rowsum(dO * O) (a [T] reduction) instead of rowsum(dP * P). On a 2-core CPU
+this took a LIT training step from ~1.8 s to ~1.6 s (benchmarks/train_step.py) and
+frees the saved probabilities (~220 MB for 320 packed tokens on SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled, masked scores [B, H, G, T, S] in float32."""
+    s = jnp.einsum("bthgd,bshd->bhgts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    return jnp.where(mask[:, None, None], s, _MASKED)
+
+
+def _forward(q, k, v, mask):
+    s = _scores(q, k, mask)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bhgts,bshd->bthgd", (p / denom).astype(v.dtype), v)
+    return out, (m, denom)  # [B, H, G, T, 1] each (not m + log(denom): exact for fully masked rows too)
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,T,H,G,hd], k/v [B,S,H,hd], mask [B,T,S] (True: may attend) -> [B,T,H,G,hd].
+
+    A query with no visible key (padding) gets the mean of v, as a softmax over equal
+    scores would; nothing depends on it.
+    """
+    return _forward(q, k, v, mask)[0]
+
+
+def _fwd(q, k, v, mask):
+    out, stats = _forward(q, k, v, mask)
+    return out, (q, k, v, mask, out, stats)
+
+
+def _bwd(res, d_out):
+    q, k, v, mask, out, (m, denom) = res
+    p = jnp.exp(_scores(q, k, mask) - m) / denom  # the forward's probabilities, recomputed
+    dv = jnp.einsum("bhgts,bthgd->bshd", p.astype(v.dtype), d_out)
+    dp = jnp.einsum("bthgd,bshd->bhgts", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("bthgd,bthgd->bhgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    ds = jnp.where(mask[:, None, None], p * (dp - delta[..., None]) * (q.shape[-1] ** -0.5), 0.0).astype(q.dtype)
+    dq = jnp.einsum("bhgts,bshd->bthgd", ds, k)
+    dk = jnp.einsum("bhgts,bthgd->bshd", ds, q)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attention.defvjp(_fwd, _bwd)
