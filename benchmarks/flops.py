@@ -29,13 +29,18 @@ def _lora(cfg: ModelConfig, rank: int, targets) -> int:
 
 def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int, targets: int, read_layer: int,
                    rank: int, lora_targets, target_layers: int | None = None, logits_rows_target: int = 0,
-                   logits_rows_decoder: int | None = None, lm_head_lora: bool = False) -> dict[str, float]:
+                   logits_rows_decoder: int | None = None, lm_head_lora: bool = False,
+                   attention_block: int = 0) -> dict[str, float]:
     """FLOPs (2 x multiply-adds) of: the target forward, the decoder forward and backward.
 
     target_layers: blocks the target runs (ours: read_layer + 1; a full forward: all).
     logits_rows_*: rows the vocabulary projection is computed for (ours: targets only).
     Backward: activation gradients only through frozen weights (same cost as the forward
     matmuls), attention backward 2x its forward, LoRA backward 2x its forward.
+    attention_block: query rows per block of blocked causal attention (ours: 64; 0 = dense):
+    n blocks compute (n + 1) / (2n) of the dense scores.
+    Also returned: "layers_fwd" (the decoder blocks' forward, what remat="full" recomputes)
+    and "gate_up_fwd" (its gate|up matmul, what remat="gate_up" keeps).
     """
     n_target = read_layer + 1 if target_layers is None else target_layers
     bt_r, bt_d = batch * read_len, batch * dec_len
@@ -43,10 +48,16 @@ def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int,
     lora = _lora(cfg, rank, lora_targets)
     rows_dec = batch * targets if logits_rows_decoder is None else logits_rows_decoder
     head_lora = rank * (d + v) if lm_head_lora else 0
-    target = n_target * (bt_r * layer + _attention(cfg, bt_r, read_len)) + logits_rows_target * d * v
-    dec_fwd = cfg.num_layers * (bt_d * (layer + lora) + _attention(cfg, bt_d, dec_len)) + rows_dec * (d * v + head_lora)
-    dec_bwd = cfg.num_layers * (bt_d * (layer + 2 * lora) + 2 * _attention(cfg, bt_d, dec_len)) + rows_dec * (
-        d * v + 2 * head_lora)
+    def attn(length: int) -> float:
+        n = max(1, round(length / attention_block)) if attention_block else 1
+        return _attention(cfg, batch * length, length) * (n + 1) / (2 * n)
+
+    target = n_target * (bt_r * layer + attn(read_len)) + logits_rows_target * d * v
+    layers_fwd = cfg.num_layers * (bt_d * (layer + lora) + attn(dec_len))
+    dec_fwd = layers_fwd + rows_dec * (d * v + head_lora)
+    dec_bwd = cfg.num_layers * (bt_d * (layer + 2 * lora) + 2 * attn(dec_len)) + rows_dec * (d * v + 2 * head_lora)
     out = {"target": 2 * target, "decoder_fwd": 2 * dec_fwd, "decoder_bwd": 2 * dec_bwd}
     out["total"] = sum(out.values())
+    out["layers_fwd"] = 2 * layers_fwd
+    out["gate_up_fwd"] = 2 * cfg.num_layers * bt_d * 2 * d * cfg.intermediate_size
     return out

@@ -16,7 +16,7 @@ def lit_config() -> ConfigDict:
                                head_dim=16, tie_embeddings=True, rope_theta=10000.0)),
         dtype="float32",  # base weights and activations; trainable params and optimizer state are float32
         scan_layers=True,
-        remat="none",  # none | full | dots | dots_no_batch
+        remat="none",  # none | full | dots | dots_no_batch | gate_up (keeps the gate|up output, recomputes the rest)
     ))
     c.mesh = ConfigDict(dict(shape=(-1, 1, 1), distributed=False))  # (data, fsdp, tensor)
     c.data = default_data_config()
@@ -38,7 +38,8 @@ def lit_config() -> ConfigDict:
         eval_examples=0,  # held-out examples evaluated (evenly spread, fixed); 0: all
         pack=True,  # merge shared prefixes of a batch into prefix trees, drop padding (lit_jax/data/packing.py)
         pack_multiple=16,  # packed lengths are rounded up to a multiple of this (fewer shapes to compile)
-        presize_batches=64,  # look-ahead train batches (and all held-out ones) that fix the packed sizes up front
+        pack_levels=3,  # padded size levels per length bucket: compiled shapes per bucket
+        presize_batches=64,  # look-ahead train batches (and all held-out ones) that plan the levels up front
     ))
     c.demo = ConfigDict(dict(num_examples=3, source_contains="system", max_new_tokens=40))
     c.export = ConfigDict(dict(hf_dir="", overwrite=False))  # "": no export of the merged decoder

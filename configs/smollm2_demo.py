@@ -3,8 +3,9 @@
 Reads block 15 of 30, writes the activations after decoder block 0 (LatentQA), LoRA r=16.
 Trains on the LatentQA train split (labels held out by seed), evaluates held-out answer
 loss before and after on a fixed sample of held-out examples, then answers questions
-about held-out system prompts. remat="full" keeps the step's activation memory small
-(measured: peak RSS 1.3 GB vs 2.3 GB without) at little cost in speed on this CPU.
+about held-out system prompts. remat="gate_up" keeps only the gate|up matmul's output per
+block and recomputes the rest in the backward pass: peak RSS ~1.4 GB instead of ~2 GB
+without remat, at about the speed of no remat (benchmarks/train_step.py).
 """
 
 from configs.common import lit_config
@@ -12,7 +13,7 @@ from configs.common import lit_config
 
 def get_config(arg: str | None = None):
     c = lit_config()
-    c.model.remat = "full"
+    c.model.remat = "gate_up"
     c.data.read_layers = (15,)
     c.data.batch_size = 4
     c.train.steps = 120

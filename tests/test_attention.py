@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lit_jax.models.attention import attention
+from lit_jax.models.attention import attention, causal_attention
 
 
 def plain_attention(q, k, v, mask):
@@ -27,6 +27,22 @@ def test_attention_value_and_grads_match_autodiff(seed):
     ref = jax.grad(loss(plain_attention), (0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize("block", [64, 16, 5])
+def test_blocked_causal_attention_equals_dense(block):
+    ks = jax.random.split(jax.random.key(0), 4)
+    T = 37
+    q, k, v = (jax.random.normal(ks[0], (2, T, 3, 2, 8)), jax.random.normal(ks[1], (2, T, 3, 8)),
+               jax.random.normal(ks[2], (2, T, 3, 8)))
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & jax.random.bernoulli(ks[3], 0.7, (2, T, T))
+    w = jax.random.normal(jax.random.key(5), q.shape)
+    np.testing.assert_allclose(causal_attention(q, k, v, mask, block), attention(q, k, v, mask), atol=1e-6)
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)  # noqa: E731
+    ours = jax.grad(loss(lambda *a: causal_attention(*a, mask, block)), (0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda *a: attention(*a, mask)), (0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_token_nll_matches_log_softmax_and_argmax():

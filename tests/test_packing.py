@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lit_jax.data.packing import GrowingSizes, Trie, pack_batch
+from lit_jax.data.packing import PackedSizes, Trie, pack_batch
 from lit_jax.hf import load_params
 from lit_jax.lit.config import LitConfig
 from lit_jax.lit.loss import lit_loss_sums
@@ -98,12 +98,15 @@ def test_packed_loss_and_grads_equal_unpacked(tiny, write_layer, write_mode, row
         np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=2e-4, atol=1e-6)
 
 
-def test_growing_sizes_compile_few_shapes():
-    grow = GrowingSizes(multiple=16)
-    assert grow("a", {"decoder": 100, "read": 40}) == {"decoder": 112, "read": 48}
-    assert grow("a", {"decoder": 90, "read": 20}) == {"decoder": 112, "read": 48}  # fits: same shape
-    assert grow("a", {"decoder": 120, "read": 20}) == {"decoder": 128, "read": 48}  # grows only what overflows
-    assert grow("b", {"decoder": 10, "read": 10}) == {"decoder": 16, "read": 16}  # per bucket
+def test_packed_sizes_compile_few_shapes():
+    sizes = PackedSizes(multiple=16, levels=2)
+    needs = [{"decoder": d, "read": r} for d, r in ((100, 40), (300, 20), (120, 50), (310, 30))]
+    sizes.plan("a", needs)
+    assert sizes("a", {"decoder": 90, "read": 10}) == {"decoder": 128, "read": 64}  # smallest level that fits
+    assert sizes("a", {"decoder": 200, "read": 10}) == {"decoder": 320, "read": 32}
+    assert sizes("a", {"decoder": 90, "read": 70}) == {"decoder": 320, "read": 80}  # none fits: the largest grows
+    assert sizes.shapes() == 2
+    assert sizes("b", {"decoder": 10, "read": 10}) == {"decoder": 16, "read": 16}  # unplanned bucket: a new level
     b = shared_batch()
     p = pack_batch(b, sizes=lambda need: {k: n + 5 for k, n in need.items()})
     assert p["decoder_tokens"].shape[1] == int(p["decoder_valid"].sum()) + 5

@@ -38,6 +38,9 @@ def default_data_config() -> ConfigDict:
     placeholder_token: "auto" = the first of PLACEHOLDER_CANDIDATES that is one special
       token for the tokenizer (SmolLM2: <empty_output>; Llama-3: <|reserved_special_token_0|>).
     batch_size: per process; the global batch is batch_size * process_count.
+    group_by_read: shuffle dialogs rather than examples, so the QA pairs about one read
+      (one dialog) sit in the same batch, where packing (train.pack) computes the shared
+      read and decoder prefix once. Every example is still seen once per epoch.
     """
     c = ConfigDict()
     c.data_dir = DEFAULT_DATA_DIR
@@ -63,6 +66,7 @@ def default_data_config() -> ConfigDict:
     c.train_drop_remainder = True
     c.on_bad_record = "error"
     c.shuffle_seed = 0
+    c.group_by_read = True
     c.storage = "tfds"
     c.tfds_dir = DEFAULT_TFDS_DIR
     return c

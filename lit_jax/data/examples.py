@@ -89,3 +89,14 @@ def example_lengths(examples: Sequence[dict[str, Any]]) -> np.ndarray:
     """[N, 3] int64 (R, S, T) per example."""
     return np.asarray([(len(e["read_tokens"]), len(e["read_positions"]), len(e["decoder_tokens"])) for e in examples],
                       np.int64).reshape(-1, 3)
+
+
+def read_groups(examples: Sequence[dict[str, Any]]) -> np.ndarray:
+    """[N] int64: per example, the index of the first example that reads the same tokens at the same positions.
+
+    The QA pairs of one dialog form a group; the iterator can keep a group in one batch,
+    where packing computes the shared read and decoder prefix once.
+    """
+    first: dict[bytes, int] = {}
+    return np.asarray([first.setdefault(e["read_tokens"].tobytes() + b"|" + e["read_positions"].tobytes(), i)
+                       for i, e in enumerate(examples)], np.int64)

@@ -31,12 +31,18 @@ class EpochPlan(NamedTuple):
 
 
 def epoch_plan(bucket_ids: np.ndarray, num_buckets: int, global_batch: int, seed: int, epoch: int, shuffle: bool,
-               drop_remainder: bool) -> EpochPlan:
+               drop_remainder: bool, groups: np.ndarray | None = None) -> EpochPlan:
+    """groups: per example a group id; shuffling then permutes groups and keeps each group's
+    examples (of one bucket) adjacent, so they mostly share a batch."""
     rng = np.random.default_rng([seed, epoch])
     buckets, rows = [], []
     for k in range(num_buckets):
         ids = np.flatnonzero(bucket_ids == k)
-        if shuffle:
+        if shuffle and groups is not None:
+            unique, which = np.unique(groups[ids], return_inverse=True)
+            rank = rng.permutation(len(unique))
+            ids = ids[np.lexsort((ids, rank[which]))]
+        elif shuffle:
             ids = rng.permutation(ids)
         full = len(ids) // global_batch
         chunk = ids[: full * global_batch].reshape(full, global_batch)
@@ -58,7 +64,7 @@ class BatchIterator:
 
     def __init__(self, source: ExampleSource, *, batch_size: int, seed: int, shuffle: bool = True,
                  drop_remainder: bool = True, process_index: int | None = None, process_count: int | None = None,
-                 num_epochs: int | None = None):
+                 num_epochs: int | None = None, group_by_read: bool = False):
         if process_index is None or process_count is None:
             import jax
 
@@ -68,6 +74,7 @@ class BatchIterator:
             raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
         self.shuffle, self.drop_remainder, self.num_epochs = bool(shuffle), bool(drop_remainder), num_epochs
+        self.group_by_read = bool(group_by_read)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.global_batch = self.batch_size * self.process_count
         self.epoch, self.batch_in_epoch = 0, 0
@@ -81,7 +88,8 @@ class BatchIterator:
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan[0] != epoch:
             self._plan = (epoch, epoch_plan(self.source.bucket_ids, len(self.source.buckets), self.global_batch,
-                                            self.seed, epoch, self.shuffle, self.drop_remainder))
+                                            self.seed, epoch, self.shuffle, self.drop_remainder,
+                                            self.source.groups if self.group_by_read else None))
         return self._plan[1]
 
     @property
@@ -126,6 +134,7 @@ class BatchIterator:
     def _identity(self) -> dict[str, Any]:
         """What fixes the sequence of batches: a state only resumes an iterator with the same."""
         return {"seed": self.seed, "shuffle": self.shuffle, "drop_remainder": self.drop_remainder,
+                "group_by_read": self.group_by_read,
                 "global_batch": self.global_batch, "num_examples": len(self.source), "split": self.source.split,
                 "buckets": [list(b) for b in self.source.buckets]}
 
@@ -141,7 +150,8 @@ def make_batch_iterator(source: ExampleSource, data_cfg: Any, *, seed: int | Non
     return BatchIterator(source, batch_size=data_cfg.batch_size,
                          seed=data_cfg.shuffle_seed if seed is None else seed, shuffle=shuffle,
                          drop_remainder=data_cfg.train_drop_remainder if drop_remainder is None else drop_remainder,
-                         process_index=process_index, process_count=process_count, num_epochs=num_epochs)
+                         process_index=process_index, process_count=process_count, num_epochs=num_epochs,
+                         group_by_read=bool(data_cfg.get("group_by_read", False)) and shuffle)
 
 
 def make_eval_iterator(source: ExampleSource, data_cfg: Any, *, process_index: int | None = None,

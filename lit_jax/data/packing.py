@@ -21,7 +21,7 @@ Packed fields ([rows, n] per field; `PACKED_KEYS` in lit/loss.py):
   decoder_tokens, decoder_valid, decoder_pos, decoder_end   the decoder trie
   logit_positions, target_tokens, target_mask               one entry per answer token
   decoder_count                                             unpacked decoder tokens (for tok/s)
-Sizes are padded (`GrowingSizes` in training) so a run compiles few distinct shapes.
+Sizes are padded to a few levels per bucket (`PackedSizes`) so a run compiles few shapes.
 """
 
 from __future__ import annotations
@@ -86,25 +86,43 @@ def _row_groups(real: list[int], rows: int) -> list[list[int]]:
     return [real[i * per:(i + 1) * per] for i in range(rows)]
 
 
-class GrowingSizes:
-    """Padded sizes per batch bucket that only grow: a few compiled shapes, not one per batch.
+class PackedSizes:
+    """Padded sizes for packed batches: a few size levels per batch bucket.
 
     Packed lengths vary from batch to batch; rounding each up would still give a new shape
-    (a new compilation, seconds each) on most steps. Here a bucket's sizes are raised to
-    the rounded need only when a batch does not fit, so a run compiles a handful of shapes
-    per bucket, and pads to the largest need seen so far.
+    (a new compilation, seconds each) on most steps, and padding every batch of a bucket to
+    its largest would waste much of what packing saves. `plan` splits a look-ahead's
+    needs into `levels` groups by decoder length and gives each group the sizes that fit
+    all of it; a batch then takes the smallest level it fits. One that fits none adds a
+    level (up to `levels`) or grows the largest, so a run compiles a handful of shapes.
     """
 
-    def __init__(self, multiple: int = 16):
-        self.multiple = multiple
-        self._sizes: dict[Hashable, dict[str, int]] = {}
+    def __init__(self, multiple: int = 16, levels: int = 3):
+        self.multiple, self.max_levels = multiple, levels
+        self._levels: dict[Hashable, list[dict[str, int]]] = {}
 
-    def __call__(self, key: Hashable, needed: dict[str, int]) -> dict[str, int]:
-        have = self._sizes.get(key, {})
-        if any(n > have.get(k, 0) for k, n in needed.items()):
-            have = {k: max(have.get(k, 0), round_up(n, self.multiple)) for k, n in needed.items()}
-            self._sizes[key] = have
-        return have
+    def _rounded(self, need: dict[str, int]) -> dict[str, int]:
+        return {k: round_up(n, self.multiple) for k, n in need.items()}
+
+    def plan(self, key: Hashable, needs: Sequence[dict[str, int]]) -> None:
+        needs = sorted(needs, key=lambda n: n["decoder"])
+        groups = [g for g in np.array_split(np.arange(len(needs)), min(self.max_levels, len(needs))) if len(g)]
+        self._levels[key] = [self._rounded({k: max(needs[i][k] for i in g) for k in needs[0]}) for g in groups]
+
+    def __call__(self, key: Hashable, need: dict[str, int]) -> dict[str, int]:
+        levels = self._levels.setdefault(key, [])
+        fits = [lv for lv in levels if all(n <= lv[k] for k, n in need.items())]
+        if fits:
+            return min(fits, key=lambda lv: lv["decoder"])
+        if len(levels) < self.max_levels:
+            levels.append(self._rounded(need))
+            return levels[-1]
+        largest = max(levels, key=lambda lv: lv["decoder"])
+        largest.update({k: max(largest[k], v) for k, v in self._rounded(need).items()})
+        return largest
+
+    def shapes(self) -> int:
+        return sum(len(v) for v in self._levels.values())
 
 
 def bucket_key(batch: dict[str, np.ndarray]) -> tuple[int, ...]:
@@ -117,7 +135,7 @@ def pack_batch(batch: dict[str, np.ndarray], rows: int = 1, multiple: int = 16,
     """A collated batch (batching.py) -> `rows` packed rows (module docstring). Dummy rows are dropped.
 
     sizes: maps the needed {"read", "slot", "decoder", "target"} lengths to the padded ones
-    (default: each rounded up to `multiple`; in training, a bucket's `GrowingSizes`).
+    (default: each rounded up to `multiple`; in training, `PackedSizes`).
     """
     if rows < 1:
         raise ValueError(f"rows={rows}: pack into at least one row")

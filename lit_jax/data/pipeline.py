@@ -19,15 +19,15 @@ from lit_jax.data.buckets import assign_buckets, choose_buckets, order_buckets
 from lit_jax.data.config import check_data_config, resolve_data_dir
 from lit_jax.data.decoder import DecoderFormat
 from lit_jax.data.errors import BadRecords, log
-from lit_jax.data.examples import example_lengths, tokenize_records
+from lit_jax.data.examples import example_lengths, read_groups, tokenize_records
 from lit_jax.data.source import ExampleSource
 from lit_jax.data.sources import expand_sources, read_all_sources
 from lit_jax.data.splits import split_by_label
 
-PIPELINE_VERSION = 2  # bump when the tokenization rules change: old tfds stores are then not reused
+PIPELINE_VERSION = 3  # bump when the tokenization rules change: old tfds stores are then not reused
 SPLITS = ("train", "heldout")
 # Settings that do not change the prepared examples (batching and storage only).
-NOT_CONTENT = ("batch_size", "shuffle_seed", "storage", "tfds_dir", "train_drop_remainder", "data_dir")
+NOT_CONTENT = ("batch_size", "shuffle_seed", "storage", "tfds_dir", "train_drop_remainder", "data_dir", "group_by_read")
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -111,7 +111,8 @@ def fingerprint(data_cfg: ConfigDict, tokenizer: Any) -> str:
 
 
 def in_memory_sources(examples: dict[str, list[dict]], meta: dict[str, Any]) -> dict[str, ExampleSource]:
-    return {s: ExampleSource(examples[s], example_lengths(examples[s]), meta, s) for s in SPLITS}
+    return {s: ExampleSource(examples[s], example_lengths(examples[s]), meta, s, read_groups(examples[s]))
+            for s in SPLITS}
 
 
 def build_splits(data_cfg: ConfigDict, tokenizer: Any) -> dict[str, ExampleSource]:
@@ -129,7 +130,8 @@ def build_splits(data_cfg: ConfigDict, tokenizer: Any) -> dict[str, ExampleSourc
     tfds_dir = os.path.abspath(os.path.expanduser(data_cfg.tfds_dir))
     if not tfds_store.is_prepared(tfds_dir, fp):
         examples, meta = prepare_examples(data_cfg, tokenizer)
-        metas = {s: {**meta, "fingerprint": fp, "lengths": example_lengths(examples[s]).tolist()} for s in SPLITS}
+        metas = {s: {**meta, "fingerprint": fp, "lengths": example_lengths(examples[s]).tolist(),
+                     "groups": read_groups(examples[s]).tolist()} for s in SPLITS}
         path = tfds_store.write_tfds(examples, metas, tfds_dir, fp)
         log.info("wrote the tfds dataset %s", path)
     return tfds_store.read_tfds(tfds_dir, fp)

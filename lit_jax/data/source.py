@@ -1,8 +1,8 @@
 """One split's tokenized examples with random access: a list in memory, or a tfds data source.
 
 Both hold the same example dicts (see examples.py); tfds gives text fields back as bytes,
-which `describe` decodes. `lengths` ([N, 3]: R, S, T) and the bucket shapes travel with
-the source so batching never has to read the examples to plan an epoch.
+which `describe` decodes. `lengths` ([N, 3]: R, S, T), the read groups and the bucket
+shapes travel with the source so batching never has to read the examples to plan an epoch.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ _PARALLEL_READ = 64  # measured: 4 records via __getitems__ ~640 us each, one by
 class ExampleSource:
     """Random access to a split. meta: buckets, pad_id, read_layers, placeholder, ... (JSON-able)."""
 
-    def __init__(self, data: Any, lengths: np.ndarray, meta: dict[str, Any], split: str):
+    def __init__(self, data: Any, lengths: np.ndarray, meta: dict[str, Any], split: str,
+                 groups: np.ndarray | None = None):
         self.data, self.meta, self.split = data, meta, split
         self.lengths = np.asarray(lengths, np.int64).reshape(-1, 3)
         if len(self.lengths) != len(data):
             raise ValueError(f"{split}: {len(data)} examples but {len(self.lengths)} length rows")
+        # examples reading the same tokens (the QA pairs of a dialog) share a group id; default: one each
+        self.groups = np.arange(len(data)) if groups is None else np.asarray(groups, np.int64).reshape(-1)
+        if len(self.groups) != len(data):
+            raise ValueError(f"{split}: {len(data)} examples but {len(self.groups)} group ids")
         self.buckets: tuple[tuple[int, int, int], ...] = tuple(tuple(int(v) for v in b) for b in meta["buckets"])
         self.bucket_ids = assign_buckets(self.lengths, self.buckets)
         self.bucket_targets: tuple[int, ...] = tuple(int(p) for p in meta["bucket_targets"])
@@ -60,7 +65,7 @@ class ExampleSource:
         if count <= 0 or count >= len(self):
             return self
         ids = np.linspace(0, len(self) - 1, count).round().astype(int)
-        return ExampleSource(self.get_many(ids), self.lengths[ids], self.meta, self.split)
+        return ExampleSource(self.get_many(ids), self.lengths[ids], self.meta, self.split, self.groups[ids])
 
     def describe(self, example_id: int) -> dict[str, Any]:
         """The human-readable example: read dialog/text and span rule, question, true answer, label, origin."""

@@ -104,6 +104,7 @@ def read_tfds(tfds_dir: str, fingerprint: str) -> dict[str, ExampleSource]:
     for split in SPLITS:
         m = dict(meta["splits"][split])
         lengths = np.asarray(m.pop("lengths"), np.int64).reshape(-1, 3)
+        groups = m.pop("groups", None)
         data = tfds.data_source(name, split=split, data_dir=tfds_dir) if split in meta["written"] else []
-        out[split] = ExampleSource(data, lengths, m, split)
+        out[split] = ExampleSource(data, lengths, m, split, groups)
     return out

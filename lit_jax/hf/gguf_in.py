@@ -129,6 +129,8 @@ def load_gguf(path: str, reader: gguf.GGUFReader | None = None, **run_options: A
         if t is None:
             raise CheckpointError(f"{path}: missing tensor for {name!r}")
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if not w.flags.owndata:  # an f32 tensor is a view of the file's memory map: copy it, or the map
+            w = w.copy()         # (the whole file) stays resident as long as the weights live
         if permute and name.endswith("q_proj.weight"):
             w = _unpermute(w, cfg.num_heads)
         elif permute and name.endswith("k_proj.weight"):

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 from lit_jax import sharding as shd
 from lit_jax.lit.checkpoint import Checkpointer
 from lit_jax.lit.config import LitConfig
-from lit_jax.data.packing import GrowingSizes, bucket_key, pack_batch
+from lit_jax.data.packing import PackedSizes, bucket_key, pack_batch
 from lit_jax.lit.loss import step_keys
 from lit_jax.lit.metrics import MetricsWriter, plot_loss_curve
 from lit_jax.lit.train_state import TrainState, init_state, init_trainable, make_optimizer, trainable_axes
 from lit_jax.lit.train_step import jit_eval_step, jit_train_step
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
+from lit_jax.utils.compiled import CompiledPerShape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ class TrainConfig:
     async_checkpoints: bool = True
     pack: bool = False  # merge each batch's shared prefixes and drop padding (data/packing.py)
     pack_multiple: int = 16  # packed lengths are rounded up to this (fewer distinct shapes to compile)
-    presize_batches: int = 64  # look-ahead batches that set the packed sizes before the first step
+    pack_levels: int = 3  # padded size levels per length bucket (compiled shapes per bucket)
+    presize_batches: int = 64  # look-ahead batches that plan the size levels before the first step
 
 
 class TrainResult(dict):
@@ -68,36 +70,42 @@ def packed_rows(mesh, accum_steps: int) -> int:
 class StepBatches:
     """Iterator batches as the step takes them: packed into prefix trees when `tcfg.pack`.
 
-    Padded sizes grow per bucket (`GrowingSizes`); with several processes they are the
-    maximum over processes (one small host all-gather per batch), since every process
-    must feed arrays of the same shape.
+    Padded sizes come from `PackedSizes` levels; with several processes a batch's needed
+    sizes are the maximum over processes (one small host all-gather per batch), since
+    every process must feed arrays of the same shape.
     """
 
     def __init__(self, tcfg: TrainConfig, mesh):
         self.tcfg, self.rows = tcfg, packed_rows(mesh, tcfg.accum_steps)
-        self.grow = GrowingSizes(tcfg.pack_multiple)
+        self.sizes = PackedSizes(tcfg.pack_multiple, tcfg.pack_levels)
+
+    @staticmethod
+    def _agree(need: dict[str, int]) -> dict[str, int]:
+        if jax.process_count() == 1:
+            return need
+        from jax.experimental import multihost_utils
+
+        names = sorted(need)
+        most = multihost_utils.process_allgather(np.asarray([need[k] for k in names])).max(axis=0)
+        return dict(zip(names, (int(x) for x in most)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.tcfg.pack:
             return batch
         key = bucket_key(batch)
-
-        def sizes(needed: dict[str, int]) -> dict[str, int]:
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                names = sorted(needed)
-                most = multihost_utils.process_allgather(np.asarray([needed[k] for k in names])).max(axis=0)
-                needed = dict(zip(names, (int(x) for x in most)))
-            return self.grow(key, needed)
-
-        return pack_batch(batch, self.rows, sizes=sizes)
+        return pack_batch(batch, self.rows, sizes=lambda need: self.sizes(key, self._agree(need)))
 
     def presize(self, batches: Iterable[dict]) -> None:
-        """Grows the sizes to fit `batches` now, so the run starts with the shapes it will mostly use."""
-        if self.tcfg.pack:
-            for batch in batches:
-                self(batch)
+        """Plans the size levels from `batches` (a look-ahead), so the run starts with the shapes it will use."""
+        if not self.tcfg.pack:
+            return
+        needs: dict[tuple, list] = {}
+        for batch in batches:
+            key = bucket_key(batch)
+            pack_batch(batch, self.rows, sizes=lambda need: needs.setdefault(key, []).append(self._agree(need))
+                       or self.sizes._rounded(need))
+        for key, seen in needs.items():
+            self.sizes.plan(key, seen)
 
 
 def check_batch(batch: dict[str, np.ndarray], lcfg: LitConfig) -> None:
@@ -145,9 +153,10 @@ def train(
     state_sharding = shd.placed_like(state, mesh)
     state = jax.device_put(state, state_sharding)
     # Fixed output shardings: the donated state comes back laid out as it went in (no re-layout, no recompiles).
-    step_fn = jit_train_step(cfg, lcfg, optimizer, tcfg.accum_steps,
-                             out_shardings=(state_sharding, shd.replicated(mesh)))
-    eval_step = jit_eval_step(cfg, lcfg)
+    # Compiled per batch shape ahead of its first call, handing the compiler's freed host memory back.
+    step_fn = CompiledPerShape(jit_train_step(cfg, lcfg, optimizer, tcfg.accum_steps,
+                                              out_shardings=(state_sharding, shd.replicated(mesh))))
+    eval_step = CompiledPerShape(jit_eval_step(cfg, lcfg))
     step_batch = StepBatches(tcfg, mesh)
     writer = MetricsWriter(workdir, enabled=is_main)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints,
@@ -174,10 +183,9 @@ def train(
 
     if tcfg.pack and tcfg.presize_batches:  # padded sizes from a look-ahead: fewer compilations later
         saved = train_batches.get_state()
-        step_batch.presize(itertools.islice(train_batches, tcfg.presize_batches))
+        ahead = list(itertools.islice(train_batches, tcfg.presize_batches))
         train_batches.set_state(saved)
-        if heldout_batches is not None:
-            step_batch.presize(heldout_batches())
+        step_batch.presize(itertools.chain(ahead, heldout_batches() if heldout_batches is not None else ()))
 
     try:
         if start == 0:

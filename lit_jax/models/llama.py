@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lit_jax.models import kv_cache as kvc
-from lit_jax.models.attention import attention
+from lit_jax.models.attention import attention, causal_attention
 from lit_jax.models.config import ModelConfig
 from lit_jax.models.lora import maybe_lora
 from lit_jax.models.residual import ResidualWrite, apply_write
@@ -171,7 +172,8 @@ def block(
     if cache is not None:
         cache = kvc.write_layer(cache, layer, ctx.slots, k, v)
         k, v = cache.k[layer], cache.v[layer]
-    attn = attention(q, k, v, ctx.mask)
+    # Without a cache, query t sees no key after t (causal, or a packed tree): skip the blocks above the diagonal.
+    attn = attention(q, k, v, ctx.mask) if cache is not None else causal_attention(q, k, v, ctx.mask)
     # Flattened heads, weight used as stored: XLA then transposes the (small) activation, not
     # the weight, and autodiff under scan reuses the stacked weight instead of saving a copy.
     attn = attn.reshape(B, T, H * G * hd)
@@ -182,7 +184,7 @@ def block(
     x = x + out
 
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate_up = jnp.einsum("btd,dj->btj", h, p["gate_up"]).reshape(B, T, -1, 2)
+    gate_up = checkpoint_name(jnp.einsum("btd,dj->btj", h, p["gate_up"]), "gate_up").reshape(B, T, -1, 2)
     gate = _plus_lora(gate_up[..., 0], h, lora, "gate", lora_scale)
     up = _plus_lora(gate_up[..., 1], h, lora, "up", lora_scale)
     m = jax.nn.silu(gate) * up
@@ -201,6 +203,8 @@ _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # keeps the largest matmul's output (gate|up, half a block's weight FLOPs) and recomputes the rest
+    "gate_up": jax.checkpoint_policies.save_only_these_names("gate_up"),
 }
 
 

@@ -189,3 +189,24 @@ def test_state_resumes_on_another_process_count(splits):
         it.set_state(state)
     for b, h0, h1 in itertools.islice(zip(one, *two), 4):
         assert np.array_equal(b["example_id"], np.concatenate([h0["example_id"], h1["example_id"]]))
+
+
+def test_group_by_read_keeps_qa_pairs_of_a_dialog_together(splits):
+    sources, meta, cfg = splits
+    src = sources["train"]
+    assert len(np.unique(src.groups)) < len(src)  # LatentQA: several QA pairs per dialog
+    grouped = make_batch_iterator(src, cfg, seed=3, num_epochs=1, process_index=0, process_count=1)
+    assert grouped.group_by_read
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.group_by_read = False
+    plain = make_batch_iterator(src, cfg2, seed=3, num_epochs=1, process_index=0, process_count=1)
+    shared = {}
+    for name, it in (("grouped", grouped), ("plain", plain)):
+        batches = list(it)
+        ids = _ids(batches)
+        assert len(ids) == len(set(ids))  # each example at most once per epoch
+        shared[name] = np.mean([len(r) - len(np.unique(src.groups[r])) for r in
+                                ([i for i in b["example_id"] if i >= 0] for b in batches)])
+    assert shared["grouped"] > 1.0 > 0.2 > shared["plain"]  # rows per batch that share a dialog with another
+    with pytest.raises(ValueError, match="does not match"):
+        plain.set_state(grouped.get_state())
