@@ -39,8 +39,8 @@ class Trie:
         self._keys: list[Hashable] = [None]
         self._paths: list[list[int]] = []
 
-    def insert(self, keys: Sequence[Hashable]) -> int:
-        """Adds a sequence; returns its id (for `path`)."""
+    def insert(self, keys: Sequence[Hashable]) -> None:
+        """Adds a sequence; `layout` gives its node indices, in insertion order."""
         node, path = 0, []
         for key in keys:
             nxt = self._children[node].get(key)
@@ -52,7 +52,6 @@ class Trie:
             path.append(nxt)
             node = nxt
         self._paths.append(path)
-        return len(self._paths) - 1
 
     def layout(self) -> tuple[list[Hashable], np.ndarray, np.ndarray, list[np.ndarray]]:
         """(keys, depth, subtree end, per-sequence indices), all in depth-first order (root excluded)."""
@@ -101,13 +100,13 @@ class PackedSizes:
         self.multiple, self.max_levels = multiple, levels
         self._levels: dict[Hashable, list[dict[str, int]]] = {}
 
-    def _rounded(self, need: dict[str, int]) -> dict[str, int]:
+    def rounded(self, need: dict[str, int]) -> dict[str, int]:
         return {k: round_up(n, self.multiple) for k, n in need.items()}
 
     def plan(self, key: Hashable, needs: Sequence[dict[str, int]]) -> None:
         needs = sorted(needs, key=lambda n: n["decoder"])
         groups = [g for g in np.array_split(np.arange(len(needs)), min(self.max_levels, len(needs))) if len(g)]
-        self._levels[key] = [self._rounded({k: max(needs[i][k] for i in g) for k in needs[0]}) for g in groups]
+        self._levels[key] = [self.rounded({k: max(needs[i][k] for i in g) for k in needs[0]}) for g in groups]
 
     def __call__(self, key: Hashable, need: dict[str, int]) -> dict[str, int]:
         levels = self._levels.setdefault(key, [])
@@ -115,10 +114,10 @@ class PackedSizes:
         if fits:
             return min(fits, key=lambda lv: lv["decoder"])
         if len(levels) < self.max_levels:
-            levels.append(self._rounded(need))
+            levels.append(self.rounded(need))
             return levels[-1]
         largest = max(levels, key=lambda lv: lv["decoder"])
-        largest.update({k: max(largest[k], v) for k, v in self._rounded(need).items()})
+        largest.update({k: max(largest[k], v) for k, v in self.rounded(need).items()})
         return largest
 
     def shapes(self) -> int:

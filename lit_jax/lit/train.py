@@ -103,7 +103,7 @@ class StepBatches:
         for batch in batches:
             key = bucket_key(batch)
             pack_batch(batch, self.rows, sizes=lambda need: needs.setdefault(key, []).append(self._agree(need))
-                       or self.sizes._rounded(need))
+                       or self.sizes.rounded(need))
         for key, seen in needs.items():
             self.sizes.plan(key, seen)
 

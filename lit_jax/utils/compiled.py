@@ -47,7 +47,3 @@ class CompiledPerShape:
             compiled = self._compiled[key] = self.jitted.lower(*args).compile()
             release_host_memory()
         return compiled(*args)
-
-    @property
-    def num_compiled(self) -> int:
-        return len(self._compiled)
