@@ -16,7 +16,7 @@ def lit_config() -> ConfigDict:
                                head_dim=16, tie_embeddings=True, rope_theta=10000.0)),
         dtype="float32",  # base weights and activations; trainable params and optimizer state are float32
         scan_layers=True,
-        remat="none",  # none | full | dots | dots_no_batch | gate_up (keeps the gate|up output, recomputes the rest)
+        remat="none",  # none | full | dots | dots_no_batch | gate_up | matmuls (see models/llama.py _REMAT_POLICIES)
     ))
     c.mesh = ConfigDict(dict(shape=(-1, 1, 1), distributed=False))  # (data, fsdp, tensor)
     c.data = default_data_config()

@@ -36,8 +36,14 @@ def test_blocked_causal_attention_equals_dense(block):
     q, k, v = (jax.random.normal(ks[0], (2, T, 3, 2, 8)), jax.random.normal(ks[1], (2, T, 3, 8)),
                jax.random.normal(ks[2], (2, T, 3, 8)))
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & jax.random.bernoulli(ks[3], 0.7, (2, T, T))
+    mask = mask.at[1, 20].set(False)  # a query that sees no key (padding): output 0 and no gradient
     w = jax.random.normal(jax.random.key(5), q.shape)
-    np.testing.assert_allclose(causal_attention(q, k, v, mask, block), attention(q, k, v, mask), atol=1e-6)
+    out = causal_attention(q, k, v, mask, block)
+    assert jnp.all(out[1, 20] == 0)
+    no_grad = jax.grad(lambda *a: jnp.sum(causal_attention(*a, mask, block)[1, 20]), (0, 1, 2))(q, k, v)
+    assert all(jnp.all(g == 0) for g in no_grad)
+    w = w.at[1, 20].set(0.0)  # `attention` gives that row the mean of v instead
+    np.testing.assert_allclose(out.at[1, 20].set(0), attention(q, k, v, mask).at[1, 20].set(0), atol=1e-6)
     loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)  # noqa: E731
     ours = jax.grad(loss(lambda *a: causal_attention(*a, mask, block)), (0, 1, 2))(q, k, v)
     ref = jax.grad(loss(lambda *a: attention(*a, mask)), (0, 1, 2))(q, k, v)

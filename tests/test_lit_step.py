@@ -179,7 +179,7 @@ def test_bad_lit_config_raises():
         LitConfig(read_layers=())
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "dots_no_batch", "gate_up", "matmuls"])
 def test_remat_gives_the_same_loss_and_gradients(tiny, remat):
     cfg, base, _ = tiny
     lcfg = LitConfig(read_layers=(1,), write_layer=0, lora=LoraConfig(rank=4))

@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 _ARCH_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "gate_up")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "gate_up", "matmuls")
 
 
 class UnsupportedModelError(ValueError):

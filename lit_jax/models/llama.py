@@ -159,10 +159,10 @@ def block(
     qkv = jnp.einsum("btd,dj->btj", h, p["qkv"]).reshape(B, T, H, G + 2, hd)
     if cfg.qkv_bias:
         qkv = qkv + p["qkv_bias"]
+    deltas = maybe_lora(h, lora, ("q", "k", "v"), lora_scale)
+    qkv = _plus_parts(qkv, deltas, (("q", G), ("k", 1), ("v", 1)), axis=-2)
+    qkv = checkpoint_name(qkv, "qkv")
     q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
-    q = _plus_lora(q, h, lora, "q", lora_scale)
-    k = _plus_lora(k, h, lora, "k", lora_scale)
-    v = _plus_lora(v, h, lora, "v", lora_scale)
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
@@ -178,25 +178,40 @@ def block(
     # the weight, and autodiff under scan reuses the stacked weight instead of saving a copy.
     attn = attn.reshape(B, T, H * G * hd)
     out = jnp.einsum("bti,id->btd", attn, p["o"])
-    out = _plus_lora(out, attn, lora, "o", lora_scale)
+    out = _plus(out, maybe_lora(attn, lora, ("o",), lora_scale).get("o"))
     if cfg.o_bias:
         out = out + p["o_bias"]
-    x = x + out
+    x = checkpoint_name(x + out, "mid")
 
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate_up = checkpoint_name(jnp.einsum("btd,dj->btj", h, p["gate_up"]), "gate_up").reshape(B, T, -1, 2)
-    gate = _plus_lora(gate_up[..., 0], h, lora, "gate", lora_scale)
-    up = _plus_lora(gate_up[..., 1], h, lora, "up", lora_scale)
+    gate_up = jnp.einsum("btd,dj->btj", h, p["gate_up"]).reshape(B, T, -1, 2)
+    deltas = maybe_lora(h, lora, ("gate", "up"), lora_scale)
+    # named after their LoRA updates (interleaved, they would need a concatenation forward and pads backward)
+    gate = checkpoint_name(_plus(gate_up[..., 0], deltas.get("gate")), "gate_up")
+    up = checkpoint_name(_plus(gate_up[..., 1], deltas.get("up")), "gate_up")
     m = jax.nn.silu(gate) * up
     out = jnp.einsum("btf,fd->btd", m, p["down"])
-    out = _plus_lora(out, m, lora, "down", lora_scale)
+    out = _plus(out, maybe_lora(m, lora, ("down",), lora_scale).get("down"))
     return x + out, cache
 
 
-def _plus_lora(y: jax.Array, x: jax.Array, lora: Params | None, name: str, scale: float) -> jax.Array:
-    """y + the LoRA update of projection `name` on input x (reshaped like y), or y if not adapted."""
-    delta = maybe_lora(x, lora, name, scale)
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    """y + a LoRA update (reshaped like y), or y where the projection is not adapted."""
     return y if delta is None else y + delta.reshape(y.shape)
+
+
+def _plus_parts(y: jax.Array, deltas: dict, parts: tuple[tuple[str, int], ...], axis: int) -> jax.Array:
+    """y + LoRA updates laid out along y's `axis` in `parts` order: part (name, k) spans k entries there.
+
+    One add on the fused q|k|v output instead of one per projection, so a remat policy can
+    keep the adapted projections as one array (nothing to recompute but LoRA's x @ A).
+    """
+    if not deltas:
+        return y
+    axis = axis % y.ndim
+    shape = lambda k: y.shape[:axis] + (k,) + y.shape[axis + 1:]  # noqa: E731
+    pieces = [deltas[n].reshape(shape(k)) if n in deltas else jnp.zeros(shape(k), y.dtype) for n, k in parts]
+    return y + jnp.concatenate(pieces, axis=axis)
 
 
 _REMAT_POLICIES = {
@@ -205,6 +220,10 @@ _REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     # keeps the largest matmul's output (gate|up, half a block's weight FLOPs) and recomputes the rest
     "gate_up": jax.checkpoint_policies.save_only_these_names("gate_up"),
+    # keeps every matmul's output that the backward needs (q|k|v and gate|up with their LoRA
+    # updates, attention, LoRA's x @ A) and the residual between the attention and MLP
+    # halves: the backward then recomputes only elementwise work
+    "matmuls": jax.checkpoint_policies.save_only_these_names("qkv", "attn", "attn_stats", "mid", "gate_up", "lora_u"),
 }
 
 
