@@ -159,9 +159,7 @@ def block(
     qkv = jnp.einsum("btd,dj->btj", h, p["qkv"]).reshape(B, T, H, G + 2, hd)
     if cfg.qkv_bias:
         qkv = qkv + p["qkv_bias"]
-    deltas = maybe_lora(h, lora, ("q", "k", "v"), lora_scale)
-    qkv = _plus_parts(qkv, deltas, (("q", G), ("k", 1), ("v", 1)), axis=-2)
-    qkv = checkpoint_name(qkv, "qkv")
+    qkv = checkpoint_name(_plus(qkv, maybe_lora(h, lora, ("q", "k", "v"), lora_scale, _qkv_place(cfg))), "qkv")
     q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
@@ -178,40 +176,46 @@ def block(
     # the weight, and autodiff under scan reuses the stacked weight instead of saving a copy.
     attn = attn.reshape(B, T, H * G * hd)
     out = jnp.einsum("bti,id->btd", attn, p["o"])
-    out = _plus(out, maybe_lora(attn, lora, ("o",), lora_scale).get("o"))
+    out = _plus(out, maybe_lora(attn, lora, ("o",), lora_scale))
     if cfg.o_bias:
         out = out + p["o_bias"]
     x = checkpoint_name(x + out, "mid")
 
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate_up = jnp.einsum("btd,dj->btj", h, p["gate_up"]).reshape(B, T, -1, 2)
-    deltas = maybe_lora(h, lora, ("gate", "up"), lora_scale)
-    # named after their LoRA updates (interleaved, they would need a concatenation forward and pads backward)
-    gate = checkpoint_name(_plus(gate_up[..., 0], deltas.get("gate")), "gate_up")
-    up = checkpoint_name(_plus(gate_up[..., 1], deltas.get("up")), "gate_up")
-    m = jax.nn.silu(gate) * up
+    gate_up = checkpoint_name(_plus(gate_up, maybe_lora(h, lora, ("gate", "up"), lora_scale, _gate_up_place)),
+                              "gate_up")
+    m = jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1]
     out = jnp.einsum("btf,fd->btd", m, p["down"])
-    out = _plus(out, maybe_lora(m, lora, ("down",), lora_scale).get("down"))
+    out = _plus(out, maybe_lora(m, lora, ("down",), lora_scale))
     return x + out, cache
 
 
 def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
-    """y + a LoRA update (reshaped like y), or y where the projection is not adapted."""
+    """y + a LoRA update (reshaped like y), or y where no projection in it is adapted."""
     return y if delta is None else y + delta.reshape(y.shape)
 
 
-def _plus_parts(y: jax.Array, deltas: dict, parts: tuple[tuple[str, int], ...], axis: int) -> jax.Array:
-    """y + LoRA updates laid out along y's `axis` in `parts` order: part (name, k) spans k entries there.
+def _qkv_place(cfg: ModelConfig):
+    """Places LoRA B matrices of q [r, H*G*hd], k, v [r, H*hd] in the fused q|k|v layout [H, G+2, hd]."""
+    H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    slots = {"q": (0, G), "k": (G, 1), "v": (G + 1, 1)}
 
-    One add on the fused q|k|v output instead of one per projection, so a remat policy can
-    keep the adapted projections as one array (nothing to recompute but LoRA's x @ A).
-    """
-    if not deltas:
-        return y
-    axis = axis % y.ndim
-    shape = lambda k: y.shape[:axis] + (k,) + y.shape[axis + 1:]  # noqa: E731
-    pieces = [deltas[n].reshape(shape(k)) if n in deltas else jnp.zeros(shape(k), y.dtype) for n, k in parts]
-    return y + jnp.concatenate(pieces, axis=axis)
+    def place(bs):
+        blocks = []
+        for name, b in bs:
+            lo, n = slots[name]
+            b = b.reshape(b.shape[0], H, n, hd)
+            blocks.append(jnp.pad(b, ((0, 0), (0, 0), (lo, G + 2 - lo - n), (0, 0))).reshape(b.shape[0], -1))
+        return jnp.concatenate(blocks)
+    return place
+
+
+def _gate_up_place(bs):
+    """Places LoRA B matrices of gate, up [r, F] in the interleaved gate|up layout [F, 2]."""
+    slot = {"gate": (0, 1), "up": (1, 0)}
+    return jnp.concatenate([jnp.pad(b[..., None], ((0, 0), (0, 0), slot[name])).reshape(b.shape[0], -1)
+                            for name, b in bs])
 
 
 _REMAT_POLICIES = {

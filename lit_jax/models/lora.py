@@ -11,11 +11,10 @@ and only the rank-r operands are transposed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lit_jax.models.config import ModelConfig
@@ -71,62 +70,58 @@ def lora_axes(lcfg: LoraConfig) -> dict[str, dict[str, tuple]]:
     }
 
 
+@jax.custom_vjp
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """(x @ a.T) @ b for x [..., in], a [r, in], b [r, out]; cast to x's dtype."""
-    return lora_deltas(x, (a,), (b,))[0]
-
-
-@jax.custom_vjp
-def lora_deltas(x: jax.Array, a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """(x @ a_i.T) @ b_i for adapters that share the input x (q|k|v, gate|up).
-
-    Their A matrices are stacked into one [sum r, in] operand, so the forward's x @ A.T and
-    the backward's dA and dx are one matmul each for the group instead of one per adapter
-    (these skinny matmuls cost far more per FLOP than the base projections).
-    """
     return _lora_fwd(x, a, b)[0]
 
 
 def _lora_fwd(x, a, b):
-    a_cat = jnp.concatenate([t.astype(x.dtype) for t in a]) if len(a) > 1 else a[0].astype(x.dtype)
-    u = checkpoint_name(jnp.einsum("...i,ri->...r", x, a_cat), "lora_u")  # kept by remat="matmuls"
-    ranks = [t.shape[0] for t in a]
-    us = jnp.split(u, list(np.cumsum(ranks)[:-1]), axis=-1) if len(a) > 1 else [u]
-    ys = tuple(jnp.einsum("...r,ro->...o", ui, bi.astype(x.dtype)) for ui, bi in zip(us, b))
-    return ys, (x, u, a_cat, a, b)
+    a_c, b_c = a.astype(x.dtype), b.astype(x.dtype)
+    u = checkpoint_name(jnp.einsum("...i,ri->...r", x, a_c), "lora_u")  # kept by remat="matmuls"
+    y = jnp.einsum("...r,ro->...o", u, b_c)
+    return y, (x, u, a, b)
 
 
-def _lora_bwd(res, dys):
-    x, u, a_cat, a, b = res
-    x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
-    ranks = np.cumsum([0] + [t.shape[0] for t in a])
-    db, du = [], []
-    for i, (bi, dy) in enumerate(zip(b, dys)):
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        db.append(jnp.einsum("nr,no->ro", u2[:, ranks[i]:ranks[i + 1]], dy2,
-                             preferred_element_type=jnp.float32).astype(bi.dtype))
-        du.append(jnp.einsum("no,ro->nr", dy2, bi.astype(x.dtype)))
-    du = jnp.concatenate(du, axis=-1) if len(du) > 1 else du[0]
-    da_cat = jnp.einsum("nr,ni->ri", du, x2, preferred_element_type=jnp.float32)
-    dx = jnp.einsum("nr,ri->ni", du, a_cat).reshape(x.shape)
-    da = tuple(da_cat[ranks[i]:ranks[i + 1]].astype(ai.dtype) for i, ai in enumerate(a))
-    return dx.astype(x.dtype), da, tuple(db)
+def _lora_bwd(res, dy):
+    x, u, a, b = res
+    a_c, b_c = a.astype(x.dtype), b.astype(x.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    u2 = u.reshape(-1, u.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    db = jnp.einsum("nr,no->ro", u2, dy2, preferred_element_type=jnp.float32)
+    du = jnp.einsum("no,ro->nr", dy2, b_c)
+    da = jnp.einsum("nr,ni->ri", du, x2, preferred_element_type=jnp.float32)
+    dx = jnp.einsum("nr,ri->ni", du, a_c).reshape(*lead, x.shape[-1])
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
-lora_deltas.defvjp(_lora_fwd, _lora_bwd)
+lora_delta.defvjp(_lora_fwd, _lora_bwd)
 
 
-def maybe_lora(x: jax.Array, lora_layer: Any, names: tuple[str, ...], scale: float) -> dict[str, jax.Array]:
-    """The scaled LoRA updates {name: delta} of the adapted projections among `names`, all on input x.
+def maybe_lora(x: jax.Array, lora_layer: Any, names: tuple[str, ...], scale: float,
+               place: Callable[[list[tuple[str, jax.Array]]], jax.Array] | None = None) -> jax.Array | None:
+    """The scaled LoRA update of the adapted projections among `names` (all on input x), or None.
 
-    The scale is folded into B (an [r, out] multiply) rather than applied to each update.
+    Several adapters (q|k|v, gate|up) run as one: their A matrices stacked into [sum r, in],
+    their B matrices placed by `place([(name, scale * B)])` into one [sum r, out] matrix in
+    the fused projection's output layout (zeros elsewhere). The update then is two matmuls
+    and adds to the fused output directly, instead of 2 matmuls, a slice and an add per
+    adapter: these skinny matmuls cost far more per FLOP than the base projections.
     """
-    names = tuple(n for n in names if lora_layer is not None and n in lora_layer)
-    if not names:
-        return {}
-    a = tuple(lora_layer[n]["a"] for n in names)
-    b = tuple(lora_layer[n]["b"] * jnp.asarray(scale, lora_layer[n]["b"].dtype) for n in names)
-    return dict(zip(names, lora_deltas(x, a, b)))
+    present = [n for n in names if lora_layer is not None and n in lora_layer]
+    if not present:
+        return None
+    a = jnp.concatenate([lora_layer[n]["a"] for n in present]) if len(present) > 1 else lora_layer[present[0]]["a"]
+    bs = [(n, lora_layer[n]["b"] * jnp.asarray(scale, lora_layer[n]["b"].dtype)) for n in present]
+    if place is None:
+        if len(bs) > 1:
+            raise ValueError(f"adapters {present} share an input but no layout to place them in")
+        b = bs[0][1]
+    else:
+        b = place(bs)
+    return lora_delta(x, a, b)
 
 
 def merged_delta(lora_layer_stack: dict, name: str, scale: float) -> jax.Array:
