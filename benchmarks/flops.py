@@ -40,9 +40,7 @@ def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int,
     attention_block: query rows per block of blocked causal attention (ours: 64; 0 = dense):
     n blocks compute (n + 1) / (2n) of the dense scores.
     Also returned, parts of the decoder blocks' forward that a remat policy recomputes in the
-    backward: "layers_fwd" (all of it: remat="full"), "attention_side_fwd" (q|k|v and o
-    projections and attention: what remat="gate_up" recomputes besides LoRA) and
-    "lora_fwd" (the adapters).
+    backward: "layers_fwd" (all of it: remat="full") and "lora_fwd" (the adapters: remat="matmuls").
     """
     n_target = read_layer + 1 if target_layers is None else target_layers
     bt_r, bt_d = batch * read_len, batch * dec_len
@@ -61,7 +59,5 @@ def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int,
     out = {"target": 2 * target, "decoder_fwd": 2 * dec_fwd, "decoder_bwd": 2 * dec_bwd}
     out["total"] = sum(out.values())
     out["layers_fwd"] = 2 * layers_fwd
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    out["attention_side_fwd"] = 2 * cfg.num_layers * (bt_d * (d * (q + 2 * kv) + q * d) + attn(dec_len))
     out["lora_fwd"] = 2 * cfg.num_layers * bt_d * lora
     return out
