@@ -11,9 +11,11 @@ batch into prefix trees as its training loop does, `train.pack`). By default a b
 the 2 QA pairs of each of 2 dialogs, as the training iterator groups them
 (`data.group_by_read`); `--distinct` takes 4 rows from 4 different dialogs (ungrouped
 shuffling), where packing shares only the chat template. Each side runs in its own
-process (so peak RSS is its own); another measures the f32 matmul peak with numpy.
+process (so peak RSS is its own); another measures the f32 matmul peak with numpy. Every
+process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as `python -m lit_jax.main`
+does (lit_jax/utils/hugepages.py); `--no-hugepages` runs them all without it.
 
-    python benchmarks/train_step.py [--steps 6] [--batches 3] [--distinct]
+    python benchmarks/train_step.py [--steps 6] [--batches 3] [--distinct] [--no-hugepages]
 """
 
 from __future__ import annotations
@@ -209,6 +211,8 @@ def main() -> None:
     ap.add_argument("--no-pack", dest="pack", action="store_false")
     ap.add_argument("--distinct", action="store_true", help="batches of 4 rows from 4 different dialogs")
     ap.add_argument("--data")
+    ap.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                    help="run both sides without glibc.malloc.hugetlb=1 (the CLI sets it)")
     args = ap.parse_args()
     if args.part:
         fn = {"peak": lambda: part_peak(), "jax": lambda: part_jax(args.data, args.steps, args.remat, args.pack),
@@ -219,10 +223,16 @@ def main() -> None:
     from benchmarks.common import machine
     from benchmarks.flops import lit_step_flops
     from lit_jax.hf import load_params
+    from lit_jax.utils.hugepages import has_tunable, env_with_hugepages
 
     data = os.path.join(tempfile.mkdtemp(), "batches.npz")
     info = build_batches(data, args.batches, paired=not args.distinct)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if args.hugepages:  # as `python -m lit_jax.main` runs (lit_jax/utils/hugepages.py), for both sides
+        env = env_with_hugepages(env)
+    elif "GLIBC_TUNABLES" in env:
+        env["GLIBC_TUNABLES"] = ":".join(t for t in env["GLIBC_TUNABLES"].split(":")
+                                         if not t.startswith("glibc.malloc.hugetlb="))
     results = {}
     runs = [("peak", "peak", []), ("jax", "jax", ["--remat", "none"]), ("torch", "torch", []),
             ("jax_remat", "jax", ["--remat", "matmuls"]), ("peak2", "peak", [])]
@@ -257,6 +267,8 @@ def main() -> None:
                                         )["total"])
     peak = max(results["peak"]["peak_gflops"], results["peak2"]["peak_gflops"])
     print(f"machine: {machine()}")
+    print(f"GLIBC_TUNABLES for both sides: {env.get('GLIBC_TUNABLES', '(unset)')}"
+          f"{'' if has_tunable(env) else ' (no huge pages)'}")
     print(f"batches: {args.batches} x 4 real LatentQA rows, {'4 dialogs' if args.distinct else '2 dialogs x 2 QA pairs'}"
           f" each (mean {info['mean_read']:.0f} read / {info['mean_decoder']:.0f} decoder tokens per row)")
     print(f"  reference shapes (B, R, T): {[b['read_tokens'].shape + b['decoder_tokens'].shape[1:] for b in batches]}")

@@ -61,4 +61,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from lit_jax.utils.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()  # before JAX starts: huge pages for XLA's per-step buffers
     app.run(main)
