@@ -223,16 +223,13 @@ def main() -> None:
     from benchmarks.common import machine
     from benchmarks.flops import lit_step_flops
     from lit_jax.hf import load_params
-    from lit_jax.utils.hugepages import has_tunable, env_with_hugepages
+    from lit_jax.utils.hugepages import env_with_hugepages, env_without_hugepages, has_tunable
 
     data = os.path.join(tempfile.mkdtemp(), "batches.npz")
     info = build_batches(data, args.batches, paired=not args.distinct)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if args.hugepages:  # as `python -m lit_jax.main` runs (lit_jax/utils/hugepages.py), for both sides
-        env = env_with_hugepages(env)
-    elif "GLIBC_TUNABLES" in env:
-        env["GLIBC_TUNABLES"] = ":".join(t for t in env["GLIBC_TUNABLES"].split(":")
-                                         if not t.startswith("glibc.malloc.hugetlb="))
+    # as `python -m lit_jax.main` runs (lit_jax/utils/hugepages.py), for both sides
+    env = env_with_hugepages(env) if args.hugepages else env_without_hugepages(env)
     results = {}
     runs = [("peak", "peak", []), ("jax", "jax", ["--remat", "none"]), ("torch", "torch", []),
             ("jax_remat", "jax", ["--remat", "matmuls"]), ("peak2", "peak", [])]

@@ -22,7 +22,8 @@ import platform
 import sys
 from typing import Mapping
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+_KEY = "glibc.malloc.hugetlb="
+TUNABLE = _KEY + "1"
 OPT_OUT = "LIT_JAX_HUGEPAGES"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -53,7 +54,15 @@ def supported() -> bool:
 
 
 def has_tunable(env: Mapping[str, str]) -> bool:
-    return any(t.startswith("glibc.malloc.hugetlb=") for t in env.get("GLIBC_TUNABLES", "").split(":"))
+    return any(t.startswith(_KEY) for t in env.get("GLIBC_TUNABLES", "").split(":"))
+
+
+def env_without_hugepages(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of env with any `glibc.malloc.hugetlb=` tunable removed (for comparisons)."""
+    env = dict(env)
+    if "GLIBC_TUNABLES" in env:
+        env["GLIBC_TUNABLES"] = ":".join(t for t in env["GLIBC_TUNABLES"].split(":") if not t.startswith(_KEY))
+    return env
 
 
 def env_with_hugepages(env: Mapping[str, str] | None = None) -> dict[str, str]:
