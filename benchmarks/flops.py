@@ -30,17 +30,20 @@ def _lora(cfg: ModelConfig, rank: int, targets) -> int:
 def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int, targets: int, read_layer: int,
                    rank: int, lora_targets, target_layers: int | None = None, logits_rows_target: int = 0,
                    logits_rows_decoder: int | None = None, lm_head_lora: bool = False,
-                   attention_block: int = 0) -> dict[str, float]:
+                   attention_block: int = 0, attention_recompute: bool = False) -> dict[str, float]:
     """FLOPs (2 x multiply-adds) of: the target forward, the decoder forward and backward.
 
     target_layers: blocks the target runs (ours: read_layer + 1; a full forward: all).
     logits_rows_*: rows the vocabulary projection is computed for (ours: targets only).
     Backward: activation gradients only through frozen weights (same cost as the forward
-    matmuls), attention backward 2x its forward, LoRA backward 2x its forward.
+    matmuls), attention backward 2x its forward (dQ, dK, dV, dP), LoRA backward 2x its forward.
+    attention_recompute: the backward also recomputes the scores QK^T instead of saving the
+    probabilities (ours, models/attention.py): attention backward 2.5x its forward.
     attention_block: query rows per block of blocked causal attention (ours: 64; 0 = dense):
     n blocks compute (n + 1) / (2n) of the dense scores.
-    Also returned, parts of the decoder blocks' forward that a remat policy recomputes in the
-    backward: "layers_fwd" (all of it: remat="full") and "lora_fwd" (the adapters: remat="matmuls").
+    Also returned, the decoder blocks' forward, which remat="full" recomputes in the backward:
+    "layers_fwd". (remat="matmuls" keeps every matmul output the backward needs, LoRA's
+    x @ A.T included: it recomputes no matmul.)
     """
     n_target = read_layer + 1 if target_layers is None else target_layers
     bt_r, bt_d = batch * read_len, batch * dec_len
@@ -55,9 +58,10 @@ def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int,
     target = n_target * (bt_r * layer + attn(read_len)) + logits_rows_target * d * v
     layers_fwd = cfg.num_layers * (bt_d * (layer + lora) + attn(dec_len))
     dec_fwd = layers_fwd + rows_dec * (d * v + head_lora)
-    dec_bwd = cfg.num_layers * (bt_d * (layer + 2 * lora) + 2 * attn(dec_len)) + rows_dec * (d * v + 2 * head_lora)
+    attn_bwd = 2.5 if attention_recompute else 2.0
+    dec_bwd = (cfg.num_layers * (bt_d * (layer + 2 * lora) + attn_bwd * attn(dec_len))
+               + rows_dec * (d * v + 2 * head_lora))
     out = {"target": 2 * target, "decoder_fwd": 2 * dec_fwd, "decoder_bwd": 2 * dec_bwd}
     out["total"] = sum(out.values())
     out["layers_fwd"] = 2 * layers_fwd
-    out["lora_fwd"] = 2 * cfg.num_layers * bt_d * lora
     return out

@@ -42,11 +42,17 @@ def rope_tables(cfg: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, 
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotates x [B, T, ..., head_dim] by the tables [B, T, head_dim]."""
+    """Rotates x [B, T, ..., head_dim] by the tables [B, T, head_dim].
+
+    HF's rotate_half(x) = concat(-x2, x1) is computed as the halves swapped (a reverse over
+    a [2, half] view) times a sign folded into sin: XLA:CPU fuses the reverse into its
+    consumers, whereas the concatenate of half-width slices (and its transpose, pads and
+    slices in the backward pass) ran as separate slow loops.
+    """
     extra = x.ndim - cos.ndim
     shape = cos.shape[:2] + (1,) * extra + cos.shape[2:]
     cos, sin = cos.reshape(shape), sin.reshape(shape)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    xf = x.astype(jnp.float32)
-    return (xf * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    sign = jnp.concatenate([-jnp.ones(half, jnp.float32), jnp.ones(half, jnp.float32)])
+    swapped = jnp.flip(x.reshape(*x.shape[:-1], 2, half), axis=-2).reshape(x.shape)
+    return (x.astype(jnp.float32) * cos + swapped.astype(jnp.float32) * (sin * sign)).astype(x.dtype)
