@@ -41,9 +41,8 @@ def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int,
     probabilities (ours, models/attention.py): attention backward 2.5x its forward.
     attention_block: query rows per block of blocked causal attention (ours: 64; 0 = dense):
     n blocks compute (n + 1) / (2n) of the dense scores.
-    Also returned, the decoder blocks' forward, which remat="full" recomputes in the backward:
-    "layers_fwd". (remat="matmuls" keeps every matmul output the backward needs, LoRA's
-    x @ A.T included: it recomputes no matmul.)
+    remat="matmuls" (and no remat) recompute no matmul in the backward, so "total" is what
+    both execute.
     """
     n_target = read_layer + 1 if target_layers is None else target_layers
     bt_r, bt_d = batch * read_len, batch * dec_len
@@ -63,5 +62,4 @@ def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int,
                + rows_dec * (d * v + 2 * head_lora))
     out = {"target": 2 * target, "decoder_fwd": 2 * dec_fwd, "decoder_bwd": 2 * dec_bwd}
     out["total"] = sum(out.values())
-    out["layers_fwd"] = 2 * layers_fwd
     return out

@@ -6,7 +6,7 @@ loss before and after on a fixed sample of held-out examples, then answers quest
 about held-out system prompts. remat="matmuls" keeps, per block, only the matmul outputs the
 backward needs (q|k|v, attention, gate and up, LoRA's x @ A) and the residual between the
 two halves, and recomputes the elementwise rest: benchmarks/train_step.py measured peak
-RSS 1.32-1.35 GB against 1.70-1.72 GB without remat, at about the same step time (README).
+RSS 1.32-1.35 GB against 1.70-1.73 GB without remat, at about the same step time (README).
 """
 
 from configs.common import lit_config
