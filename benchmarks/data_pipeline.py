@@ -20,11 +20,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import machine  # noqa: E402
-from lit_jax.data import choose_buckets, default_data_config, make_eval_iterator, prepare_examples  # noqa: E402
-from lit_jax.data.buckets import assign_buckets, round_up  # noqa: E402
+from lit_jax.data import (assign_buckets, choose_buckets, default_data_config, make_eval_iterator,  # noqa: E402
+                          prepare_examples)
 from lit_jax.data.examples import example_lengths  # noqa: E402
 from lit_jax.data.pipeline import build_splits, in_memory_sources  # noqa: E402
 from lit_jax.hf import load_tokenizer, smollm2_gguf_path  # noqa: E402
+from lit_jax.padding import round_up  # noqa: E402
 
 
 def epoch(sources, cfg) -> list[dict]:

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import machine, median_time  # noqa: E402
-from lit_jax.generate import SamplingConfig, generate_tokens, pad_batch  # noqa: E402
+from lit_jax.generate import SamplingConfig, generate_jit  # noqa: E402
 from lit_jax.hf import load_pretrained, smollm2_gguf_path  # noqa: E402
+from lit_jax.padding import pad_batch  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
@@ -53,7 +54,7 @@ def main() -> None:
         tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
 
         def ours(n):
-            out = generate_tokens(pre.params, tokens, valid, jax.random.key(0), cfg=pre.cfg,
+            out = generate_jit(pre.params, tokens, valid, jax.random.key(0), cfg=pre.cfg,
                                   sampling=SamplingConfig(n), eos_ids=NO_EOS, pad_id=pre.cfg.pad_token_id)
             return jax.block_until_ready(out)
 

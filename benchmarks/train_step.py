@@ -11,9 +11,13 @@ batch into prefix trees as its training loop does, `train.pack`). By default a b
 the 2 QA pairs of each of 2 dialogs, as the training iterator groups them
 (`data.group_by_read`); `--distinct` takes 4 rows from 4 different dialogs (ungrouped
 shuffling), where packing shares only the chat template. Each side runs in its own
-process (so peak RSS is its own); another measures the f32 matmul peak with numpy. Every
-process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as `python -m lit_jax.main`
-does (lit_jax/utils/hugepages.py); `--no-hugepages` runs them all without it.
+process (so peak RSS is its own). The f32 matmul peak is JAX's own: a jitted 2048^3 f32
+matmul, measured in its own process before and after the two sides; "% of peak" is
+against it. numpy's 2048^3 matmul is printed beside it, measured with OPENBLAS_CORETYPE
+and OPENBLAS_L2_SIZE removed from that one process's environment (this environment sets
+them, and they hold OpenBLAS to about half the machine's peak). Every process starts with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as `python -m lit_jax.main` does
+(lit_jax/cpu_tuning.py); `--no-hugepages` runs them all without it.
 
     python benchmarks/train_step.py [--steps 6] [--batches 3] [--distinct] [--no-hugepages]
 """
@@ -99,36 +103,54 @@ def time_steps(step, batches, steps: int) -> list[float]:
     return times
 
 
-def part_peak() -> dict:
-    n = 2048
-    a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
-    a @ b
+MATMUL_N = 2048
+OPENBLAS_THROTTLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # dropped for the numpy peak's process only
+
+
+def matmul_gflops(matmul, repeats: int = 9) -> float:
+    """GFLOP/s of `matmul()` (an f32 MATMUL_N^3 product, blocking), median of `repeats` after 2 warm-up calls."""
+    matmul(), matmul()
     times = []
-    for _ in range(7):
+    for _ in range(repeats):
         t = time.perf_counter()
-        a @ b
+        matmul()
         times.append(time.perf_counter() - t)
-    return {"peak_gflops": 2 * n**3 / float(np.median(times)) / 1e9}
+    return 2 * MATMUL_N**3 / float(np.median(times)) / 1e9
+
+
+def part_peak() -> dict:
+    """The f32 matmul peak as JAX reaches it: a jitted 2048^3 matmul on the default device."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    a, b = (jax.device_put(rng.random((MATMUL_N, MATMUL_N), np.float32)) for _ in range(2))
+    f = jax.jit(lambda x, y: x @ y)
+    return {"peak_gflops": matmul_gflops(lambda: f(a, b).block_until_ready()), "backend": jax.default_backend()}
+
+
+def part_numpy_peak() -> dict:
+    """numpy's (OpenBLAS's) 2048^3 f32 matmul, and the OPENBLAS_* variables this process saw."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((MATMUL_N, MATMUL_N), np.float32) for _ in range(2))
+    return {"peak_gflops": matmul_gflops(lambda: a @ b),
+            "env": {k: os.environ[k] for k in OPENBLAS_THROTTLES if k in os.environ}}
 
 
 def part_jax(path: str, steps: int, remat: str, pack: bool = True) -> dict:
     import jax
 
-    from lit_jax.data.packing import pack_batch
-
     from lit_jax import sharding as shd
+    from lit_jax.cpu_tuning import CompiledPerShape
+    from lit_jax.data import pack_batch, plain_batch
     from lit_jax.hf import load_params
     from lit_jax.lit.config import LitConfig
     from lit_jax.lit.train_state import init_state, init_trainable, make_optimizer
     from lit_jax.lit.train_step import jit_train_step
     from lit_jax.models.lora import LoraConfig
-    from lit_jax.utils.compiled import CompiledPerShape
 
-    batches = load_batches(path)
-    if pack:
-        t = time.perf_counter()
-        batches = [pack_batch(b) for b in batches]
-        pack_ms = 1e3 * (time.perf_counter() - t) / len(batches)
+    t = time.perf_counter()
+    batches = [(pack_batch if pack else plain_batch)(b) for b in load_batches(path)]  # LitBatch, on the host
+    pack_ms = 1e3 * (time.perf_counter() - t) / len(batches)
     cfg, base = load_params("smollm2", scan_layers=True, remat=remat)
     base = shd.put_consuming(base)
     lcfg = LitConfig(read_layers=(READ_LAYER,), write_layer=0, lora=LoraConfig(rank=RANK, alpha=ALPHA))
@@ -138,17 +160,16 @@ def part_jax(path: str, steps: int, remat: str, pack: bool = True) -> dict:
     state = jax.device_put(state, shd.placed_like(state, mesh))
     fn = CompiledPerShape(jit_train_step(cfg, lcfg, opt, out_shardings=(shd.placed_like(state, mesh),
                                                                          shd.replicated(mesh))))
-    dev = [jax.device_put({k: v for k, v in b.items() if k not in ("example_id", "loss_mask")}) for b in batches]
+    dev = [shd.host_batch_to_global(b, mesh) for b in batches]
     holder = {"state": state}
 
     def step(b):
         holder["state"], m = fn(holder["state"], base, b)
         jax.block_until_ready(m)
 
-    idx = {id(b): i for i, b in enumerate(batches)}
-    times = time_steps(lambda b: step(dev[idx[id(b)]]), batches, steps)
-    shapes = [{k: list(v.shape) for k, v in b.items() if k in ("read_tokens", "decoder_tokens", "target_mask")}
-              for b in batches]
+    times = time_steps(step, dev, steps)
+    shapes = [{"read": list(b.read.tokens.shape), "decoder": list(b.decoder.tokens.shape),
+               "targets": list(b.targets.mask.shape)} for b in batches]
     return {"times": times, "rss_gb": peak_rss_gb(), "remat": remat, "shapes": shapes,
             **({"pack_ms": pack_ms} if pack else {})}
 
@@ -206,7 +227,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--part", choices=["peak", "jax", "torch"])
+    ap.add_argument("--part", choices=["peak", "numpy_peak", "jax", "torch"])
     ap.add_argument("--remat", default="none")
     ap.add_argument("--no-pack", dest="pack", action="store_false")
     ap.add_argument("--distinct", action="store_true", help="batches of 4 rows from 4 different dialogs")
@@ -215,33 +236,37 @@ def main() -> None:
                     help="run both sides without glibc.malloc.hugetlb=1 (the CLI sets it)")
     args = ap.parse_args()
     if args.part:
-        fn = {"peak": lambda: part_peak(), "jax": lambda: part_jax(args.data, args.steps, args.remat, args.pack),
+        fn = {"peak": part_peak, "numpy_peak": part_numpy_peak,
+              "jax": lambda: part_jax(args.data, args.steps, args.remat, args.pack),
               "torch": lambda: part_torch(args.data, args.steps)}[args.part]
         print("RESULT " + json.dumps(fn()), flush=True)
         return
 
     from benchmarks.common import machine
     from benchmarks.flops import lit_step_flops
+    from lit_jax.cpu_tuning import env_with_hugepages, env_without_hugepages, has_tunable
     from lit_jax.hf import load_params
-    from lit_jax.utils.hugepages import env_with_hugepages, env_without_hugepages, has_tunable
 
     data = os.path.join(tempfile.mkdtemp(), "batches.npz")
     info = build_batches(data, args.batches, paired=not args.distinct)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # as `python -m lit_jax.main` runs (lit_jax/utils/hugepages.py), for both sides
+    # as `python -m lit_jax.main` runs (lit_jax/cpu_tuning.py), for both sides
     env = env_with_hugepages(env) if args.hugepages else env_without_hugepages(env)
+    numpy_env = {k: v for k, v in env.items() if k not in OPENBLAS_THROTTLES}
     results = {}
-    runs = [("peak", "peak", []), ("jax", "jax", ["--remat", "none"]), ("torch", "torch", []),
-            ("jax_remat", "jax", ["--remat", "matmuls"]), ("peak2", "peak", [])]
+    runs = [("peak", "peak", []), ("numpy_peak", "numpy_peak", []), ("jax", "jax", ["--remat", "none"]),
+            ("torch", "torch", []), ("jax_remat", "jax", ["--remat", "matmuls"]), ("peak2", "peak", []),
+            ("numpy_peak2", "numpy_peak", [])]
     for key, part, extra in runs:
         r = subprocess.run([sys.executable, __file__, "--part", part, "--data", data, "--steps", str(args.steps),
-                            *extra], capture_output=True, text=True, env=env, cwd=ROOT)
+                            *extra], capture_output=True, text=True, env=numpy_env if part == "numpy_peak" else env,
+                           cwd=ROOT)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
             raise SystemExit(f"{part} failed:\n{r.stderr[-3000:]}")
         results[key] = json.loads(line[0][7:])
 
-    from lit_jax.data.packing import pack_batch
+    from lit_jax.data import pack_batch
 
     cfg, _ = load_params("smollm2")
     batches = load_batches(data)
@@ -251,8 +276,8 @@ def main() -> None:
     for b, p in zip(batches, packed):
         B, R = b["read_tokens"].shape
         T, P = b["decoder_tokens"].shape[1], b["target_positions"].shape[1]
-        ours = lit_step_flops(cfg, batch=p["read_tokens"].shape[0], read_len=p["read_tokens"].shape[1],
-                              dec_len=p["decoder_tokens"].shape[1], targets=p["target_mask"].shape[1],
+        ours = lit_step_flops(cfg, batch=p.read.tokens.shape[0], read_len=p.read.tokens.shape[1],
+                              dec_len=p.decoder.tokens.shape[1], targets=p.targets.mask.shape[1],
                               read_layer=READ_LAYER, rank=RANK, lora_targets=TARGETS, attention_block=64,
                               attention_recompute=True)
         # the same for remat="matmuls": it keeps every matmul output the backward needs
@@ -262,19 +287,24 @@ def main() -> None:
                                         rank=RANK, lora_targets=TARGETS, target_layers=cfg.num_layers,
                                         logits_rows_target=B * R, logits_rows_decoder=B * T, lm_head_lora=True
                                         )["total"])
-    peak = max(results["peak"]["peak_gflops"], results["peak2"]["peak_gflops"])
+    peak = max(results["peak"]["peak_gflops"], results["peak2"]["peak_gflops"])  # JAX's, not numpy's
+    env_openblas = ", ".join(f"{k}={env[k]}" for k in OPENBLAS_THROTTLES if k in env)
     print(f"machine: {machine()}")
     print(f"GLIBC_TUNABLES for both sides: {env.get('GLIBC_TUNABLES', '(unset)')}"
           f"{'' if has_tunable(env) else ' (no huge pages)'}")
     print(f"batches: {args.batches} x 4 real LatentQA rows, {'4 dialogs' if args.distinct else '2 dialogs x 2 QA pairs'}"
           f" each (mean {info['mean_read']:.0f} read / {info['mean_decoder']:.0f} decoder tokens per row)")
     print(f"  reference shapes (B, R, T): {[b['read_tokens'].shape + b['decoder_tokens'].shape[1:] for b in batches]}")
-    print(f"  lit_jax packed (rows, read, decoder, targets): {[(p['read_tokens'].shape[0], p['read_tokens'].shape[1], p['decoder_tokens'].shape[1], p['target_mask'].shape[1]) for p in packed]}"
+    print(f"  lit_jax packed (rows, read, decoder, targets): "
+          f"{[(*p.read.tokens.shape, p.decoder.tokens.shape[1], p.targets.mask.shape[1]) for p in packed]}"
           f"; host packing {results['jax'].get('pack_ms', float('nan')):.1f} ms/batch")
     print(f"  decoder tokens per batch {dec_tokens:.0f}; computed after packing "
-          f"{np.mean([p['decoder_valid'].sum() for p in packed]):.0f} (+ padding to a multiple of 16)")
-    print(f"f32 matmul peak (numpy 2048^3, before/after): {results['peak']['peak_gflops']:.0f} / "
-          f"{results['peak2']['peak_gflops']:.0f} GFLOP/s")
+          f"{np.mean([p.decoder.valid.sum() for p in packed]):.0f} (+ padding to a multiple of 16)")
+    print(f"f32 matmul peak (JAX jit {MATMUL_N}^3, before/after): {results['peak']['peak_gflops']:.0f} / "
+          f"{results['peak2']['peak_gflops']:.0f} GFLOP/s; numpy {MATMUL_N}^3 without "
+          f"{'/'.join(OPENBLAS_THROTTLES)}: {results['numpy_peak']['peak_gflops']:.0f} / "
+          f"{results['numpy_peak2']['peak_gflops']:.0f} GFLOP/s"
+          f" ({'the other processes keep ' + env_openblas if env_openblas else 'neither was set'})")
     print(f"\n{'implementation':32s} {'step s (median)':>15s} {'dec tok/s':>10s} {'GFLOP/step':>11s} "
           f"{'% of peak':>9s} {'peak RSS GB':>11s}")
     rows = {}
@@ -289,7 +319,8 @@ def main() -> None:
         print(f"{key} / reference: decoder tokens/s x{rows[key][1] / rows['torch'][1]:.2f}")
     print("step times s: " + "; ".join(f"{k} {np.round(results[k]['times'], 2).tolist()}"
                                        for k in ("jax", "jax_remat", "torch")))
-    print("(% of peak: the matmul FLOPs each implementation executes, see benchmarks/flops.py, over the best peak)")
+    print("(% of peak: the matmul FLOPs each implementation executes, see benchmarks/flops.py, over the better "
+          "of the two JAX peaks)")
 
 
 if __name__ == "__main__":

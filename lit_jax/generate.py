@@ -4,7 +4,8 @@ The whole generation (prefill + `lax.while_loop` over decode steps, stopping ear
 every row has produced an end token) is one compiled function; prompts are padded to a
 length bucket so a new batch of similar prompts reuses the compilation. Left- and
 right-padded batches are both correct: each row writes its new tokens to its own cache
-slots (see kv_cache.py). An activation write can be applied during prefill (reading).
+slots (see kv_cache.py). A residual-stream edit can be applied during prefill (LIT
+reading writes activations into the decoder's prompt that way).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import numpy as np
 from lit_jax.models import kv_cache as kvc
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
-from lit_jax.models.residual import ResidualWrite
-from lit_jax.utils.tracing import count_trace
+from lit_jax.models.lora import LoraWeights
+from lit_jax.padding import pad_batch
 
 
 class SamplingConfig(NamedTuple):
@@ -41,10 +42,6 @@ def _sample(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "sampling", "eos_ids", "pad_id", "write_layer", "write_mode", "lora_scale"),
-)
 def generate_tokens(
     params: llama.Params,
     tokens: jax.Array,
@@ -55,30 +52,25 @@ def generate_tokens(
     sampling: SamplingConfig,
     eos_ids: tuple[int, ...],
     pad_id: int,
-    write: ResidualWrite | None = None,
-    write_layer: int = 0,
-    write_mode: str = "replace",
-    lora: llama.Params | None = None,
-    lora_scale: float = 1.0,
+    lora: LoraWeights | None = None,
+    prefill_edit: llama.BlockEdit | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Generates up to `sampling.max_new_tokens` per row of tokens [B, T] (padding where ~valid).
+    """Generates up to `sampling.max_new_tokens` per row of tokens int32 [B, T] (padding where ~valid).
 
-    Returns (new_tokens [B, N] padded with pad_id after each row's end token, lengths [B]
-    counting tokens up to and including the end token).
+    Pure and traceable: call it inside a jitted function (`generate` uses the jitted
+    `generate_jit`). prefill_edit: a residual-stream edit applied to the prompt only.
+    Returns (new_tokens int32 [B, N] padded with pad_id after each row's end token,
+    lengths int32 [B] counting tokens up to and including the end token).
     """
-    count_trace("generate_tokens")
     B, T = tokens.shape
     N = sampling.max_new_tokens
     eos = jnp.asarray(eos_ids, jnp.int32)
     cache = kvc.init_cache(cfg, B, T + N)
     last = jnp.max(jnp.where(valid, jnp.arange(T), -1), axis=1)  # each row's last real token
-    model = functools.partial(llama.forward, cfg=cfg, lora=lora, lora_scale=lora_scale)
+    model = functools.partial(llama.forward, cfg=cfg, lora=lora)
 
-    prefill = model(
-        params, tokens, valid=valid, positions=llama.default_positions(valid),
-        cache=cache, slots=jnp.broadcast_to(jnp.arange(T), (B, T)), logits_at=last[:, None],
-        write=write, write_layer=write_layer, write_mode=write_mode,
-    )
+    prefill = model(params, tokens, valid=valid, cache=cache, slots=jnp.broadcast_to(jnp.arange(T), (B, T)),
+                    logits_at=last[:, None], edit=prefill_edit)
     rng, step_rng = jax.random.split(rng)
     first = _sample(prefill.logits[:, 0], step_rng, sampling)
     out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first)
@@ -104,30 +96,7 @@ def generate_tokens(
     return out, lengths
 
 
-def bucket_length(n: int, multiple: int = 16) -> int:
-    """Pads lengths up to a multiple so similar prompts share one compilation."""
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-def pad_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left", length: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [B, T], valid [B, T]) with each sequence padded on `side` to `length` (default: bucket)."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side {side!r}; expected 'left' or 'right'")
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("pad_batch needs at least one sequence, none of them empty")
-    longest = max(len(s) for s in sequences)
-    length = length or bucket_length(longest)
-    if longest > length:
-        raise ValueError(f"a sequence of {longest} tokens does not fit length {length}")
-    tokens = np.full((len(sequences), length), pad_id, np.int32)
-    valid = np.zeros((len(sequences), length), bool)
-    for i, s in enumerate(sequences):
-        sl = slice(length - len(s), length) if side == "left" else slice(0, len(s))
-        tokens[i, sl] = s
-        valid[i, sl] = True
-    return tokens, valid
+generate_jit = jax.jit(generate_tokens, static_argnames=("cfg", "sampling", "eos_ids", "pad_id"))
 
 
 def end_token_ids(cfg: ModelConfig, tokenizer: Any = None) -> tuple[int, ...]:
@@ -149,14 +118,17 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
     padding_side: str = "left",
-    **model_kwargs: Any,
+    lora: LoraWeights | None = None,
 ) -> list[list[int]]:
-    """Token-id lists in, generated token-id lists out (each ending at its end token, if any)."""
+    """Token-id lists in, generated token-id lists out (each ending at its end token, if any).
+
+    One compilation per (batch, padded prompt length, sampling) shape.
+    """
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     tokens, valid = pad_batch(prompts, pad_id, padding_side)
-    out, lengths = generate_tokens(
+    out, lengths = generate_jit(
         params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed),
-        cfg=cfg, sampling=sampling, eos_ids=end_token_ids(cfg, tokenizer), pad_id=pad_id, **model_kwargs,
+        cfg=cfg, sampling=sampling, eos_ids=end_token_ids(cfg, tokenizer), pad_id=pad_id, lora=lora,
     )
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, : lengths[i]].tolist() for i in range(len(prompts))]

@@ -61,7 +61,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from lit_jax.utils.hugepages import reexec_with_hugepages
+    from lit_jax.cpu_tuning import reexec_with_hugepages
 
-    reexec_with_hugepages()  # before JAX starts: huge pages for XLA's per-step buffers
+    reexec_with_hugepages()  # before JAX starts: huge pages for XLA:CPU's per-step buffers (CPU runs only)
     app.run(main)

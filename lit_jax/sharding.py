@@ -1,28 +1,35 @@
 """Meshes and logical-axis sharding: the same code on 1 CPU, 8 fake CPUs, a GPU host or a TPU pod.
 
-Every array carries logical axis names (`llama.param_axes`, `lora.lora_axes`, batch
-fields); a rules table maps each name to a mesh axis (or None = replicated). A dimension
-that a mesh axis does not divide evenly is replicated instead of failing, so one rules
-table serves models of every size (SmolLM2's 3 KV heads on a tensor axis of 2, say).
+Every array carries logical axis names (`llama.param_axes`, `lora.lora_axes`, the batch's
+leading axis); a rules table maps each name to mesh axes (or None = replicated), resolved
+by flax (`flax.linen.logical_to_mesh_axes`: rules in order of precedence, a mesh axis
+used at most once per array). A dimension that does not split evenly over its mesh axes
+(in whole units, see `logical_to_spec`) is replicated instead, with a warning, so one
+rules table serves models of every size (SmolLM2's 3 KV heads on a tensor axis of 2, say);
+`strict=True` makes that an error.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axis (or a tuple of mesh axes, or None)
+# logical axis -> mesh axis (or a tuple of mesh axes, or None); earlier rules take precedence
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("qkv", "tensor"),  # fused q|k|v output, per KV-head group (unit: (G + 2) * head_dim)
     ("mlp", "tensor"),
+    ("gate_up", "tensor"),  # interleaved gate/up output
     ("vocab", "tensor"),
     ("layers", None),
     ("head_dim", None),
@@ -33,7 +40,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor); one entry of `shape` may be -1 (all remaining devices)."""
+    """Mesh with axes (data, fsdp, tensor) over `devices` (default: all), via `jax.make_mesh`.
+
+    shape: 3 sizes; one may be -1 (all remaining devices). Devices are ordered by their
+    physical topology (jax.make_mesh); the axes are `AxisType.Auto` (shardings given by
+    NamedSharding, as the rest of lit_jax does). Raises ValueError when shape does not have
+    3 entries, has more than one -1, or does not use exactly the devices given.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape)
     if len(shape) != 3:
@@ -47,45 +60,92 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _flat(axes: Any) -> tuple[str, ...]:
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
 def _mesh_size(mesh: Mesh, axes: Any) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    missing = [a for a in _flat(axes) if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"rules name mesh axes {missing} that the mesh {dict(mesh.shape)} does not have")
+    return int(np.prod([mesh.shape[a] for a in _flat(axes)]))
 
 
 def logical_to_spec(
-    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES, *,
+    units: Mapping[str, int] | None = None, strict: bool = False, name: str = "",
 ) -> PartitionSpec:
-    """PartitionSpec for an array with these logical axes; uneven or reused mesh axes -> replicated."""
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(logical, shape):
-        axes = table.get(name) if name is not None else None
-        flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        if not flat or size % _mesh_size(mesh, flat) or used & set(flat):
-            spec.append(None)
-            continue
-        used |= set(flat)
-        spec.append(axes)
+    """PartitionSpec for an array of `shape` whose dimensions have these logical axis names.
+
+    The rules are resolved by `flax.linen.logical_to_mesh_axes` (earlier rules first; a
+    mesh axis serves one dimension at most; a name repeated in `logical` is sharded at its
+    first occurrence only). Then each sharded dimension must split into whole units:
+    with unit u = units.get(axis, 1) and n devices on its mesh axes, a dimension of size s
+    is sharded only if s % u == 0 and (s // u) % n == 0 (a fused q|k|v axis of
+    H * (G + 2) * hd elements with unit (G + 2) * hd: every shard holds whole KV-head
+    groups). A dimension that does not gives up its rule (its mesh axes are then free
+    for a later rule) and, if no other rule fits, is replicated with one absl warning per
+    array naming `name`, the axis, its size and unit, the mesh axes and their size.
+
+    Raises ValueError when len(logical) != len(shape), a rule names a mesh axis the mesh
+    lacks, or (strict=True) a dimension with a rule ends up replicated, with the message
+    the warning would have had.
+    """
+    logical, shape = tuple(logical), tuple(int(s) for s in shape)
+    if len(logical) != len(shape):
+        raise ValueError(f"{name or 'array'}: logical axes {logical} do not match shape {shape}")
+    units = dict(units or {})
+    names = tuple(n if n is None or n not in logical[:i] else None for i, n in enumerate(logical))  # flax: once
+    rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in rules]
+    refused: dict[int, Any] = {}
+    while True:
+        spec = list(nn.logical_to_mesh_axes(names, rules))
+        bad = [i for i, axes in enumerate(spec) if axes is not None
+               and not _splits(shape[i], units.get(names[i], 1), _mesh_size(mesh, axes))]
+        if not bad:
+            break
+        for i in bad:  # give the rule up and resolve again: its mesh axes may serve another dimension
+            refused[i] = spec[i]
+            rules.remove((names[i], spec[i]))
+    replicated = [i for i in refused if spec[i] is None]
+    if replicated:
+        parts = [f"logical axis {names[i]!r} of size {shape[i]} (unit {units.get(names[i], 1)}) over mesh axes "
+                 f"{_flat(refused[i])} of size {_mesh_size(mesh, refused[i])}" for i in replicated]
+        message = (f"{name or 'array'} {shape}: " + "; ".join(parts)
+                   + " does not split into whole units; replicated instead")
+        if strict:
+            raise ValueError(message)
+        logging.warning(message)
     return PartitionSpec(*spec)
+
+
+def _splits(size: int, unit: int, n: int) -> bool:
+    if unit < 1:
+        raise ValueError(f"unit {unit} must be a positive number of elements")
+    return size % unit == 0 and (size // unit) % n == 0
 
 
 def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
 
 
-def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-    """NamedSharding per leaf, from a tree of logical axes and a matching tree of arrays/shapes."""
-    axes_leaves, treedef = jax.tree.flatten(axes_tree, is_leaf=_is_axes)
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules=DEFAULT_RULES, *,
+                   units: Mapping[str, int] | None = None, strict: bool = False) -> Any:
+    """NamedSharding per leaf, from a tree of logical-axis tuples and a matching tree of arrays/shapes.
+
+    Each leaf goes through `logical_to_spec` with its key path (`jax.tree_util.keystr`,
+    e.g. "['layers']['qkv']") as the name in warnings and errors. Raises ValueError where
+    the trees do not match, or as `logical_to_spec` does.
+    """
+    axes_leaves, treedef = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)
     shape_leaves = treedef.flatten_up_to(shapes_tree)
     return jax.tree.unflatten(treedef, [
-        NamedSharding(mesh, logical_to_spec(ax, x.shape, mesh, rules))
-        for ax, x in zip(axes_leaves, shape_leaves)
+        NamedSharding(mesh, logical_to_spec(ax, x.shape, mesh, rules, units=units, strict=strict,
+                                            name=jax.tree_util.keystr(path)))
+        for (path, ax), x in zip(axes_leaves, shape_leaves)
     ])
 
 
@@ -129,16 +189,23 @@ def placed_like(tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
-    """Leading (batch) axis over the data-parallel mesh axes, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"], *([None] * (ndim - 1))))
+    """Leading (batch) axis of an ndim >= 1 array over the rules' "batch" mesh axes, the rest replicated."""
+    if ndim < 1:
+        raise ValueError("a batch array needs a leading batch axis (ndim >= 1)")
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules))
 
 
-def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
-    """Assembles each host's slice of the batch into global arrays sharded over the batch axes."""
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), rules), np.asarray(v))
-        for k, v in batch.items()
-    }
+def host_batch_to_global(batch: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """Assembles each host's slice of a batch into global arrays sharded over the batch axes.
+
+    batch: any pytree (a `LitBatch`, a dict) of host arrays whose leading axis is this
+    process's rows [b, ...]; returns the same pytree type of global jax.Arrays
+    [b * process_count, ...]. Raises ValueError for a 0-d leaf; JAX raises when the rows
+    do not divide over the batch mesh axes.
+    """
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), rules), np.asarray(v)),
+        batch)
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from lit_jax.data import plain_batch
 from lit_jax.data.batching import target_positions
 
 
@@ -60,3 +61,8 @@ class SyntheticIterator:
 
     def set_state(self, state):
         self.pos = int(state["pos"])
+
+
+def make_lit_batch(**kw):
+    """`make_batch` rows as the step's LitBatch (plain rows: one chain each)."""
+    return plain_batch(make_batch(**kw))

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lit_jax.generate import SamplingConfig, generate, generate_tokens, pad_batch
+from lit_jax.generate import SamplingConfig, generate, generate_jit
 from lit_jax.hf import load_params
 from lit_jax.models import llama
-from lit_jax.utils.tracing import TRACE_COUNTS
+from lit_jax.padding import pad_batch
+from tests.trace_counter import count_traces
 
 PROMPTS = [[5, 17, 33, 9, 60, 61, 2 + 10], [40, 41], [7, 8, 9, 10, 11]]
 
@@ -43,8 +44,8 @@ def test_stops_at_end_token_and_pads_after(model):
     # Declare the 3rd generated token an end token: generation must stop right there.
     cfg_eos = cfg.replace(eos_token_ids=(free[2],))
     tokens, valid = pad_batch(PROMPTS[:1], 0)
-    out, lengths = generate_tokens(params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(0),
-                                   cfg=cfg_eos, sampling=SamplingConfig(8), eos_ids=(free[2],), pad_id=0)
+    out, lengths = generate_jit(params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(0),
+                                cfg=cfg_eos, sampling=SamplingConfig(8), eos_ids=(free[2],), pad_id=0)
     stop = free.index(free[2]) + 1
     assert int(lengths[0]) == stop
     assert np.asarray(out)[0, :stop].tolist() == free[:stop]
@@ -63,11 +64,13 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
 def test_second_call_does_not_recompile(model):
     cfg, params, _ = model
     sampling = SamplingConfig(max_new_tokens=6)
-    generate(params, cfg, PROMPTS, sampling=sampling)
-    before = TRACE_COUNTS["generate_tokens"]
+    with count_traces() as first:
+        generate(params, cfg, PROMPTS, sampling=sampling)
+    assert first["generate_tokens"] == 1
     other = [[p + 1 for p in prompt] for prompt in PROMPTS]  # same bucket, other tokens
-    generate(params, cfg, other, sampling=sampling)
-    assert TRACE_COUNTS["generate_tokens"] == before
+    with count_traces() as second:
+        generate(params, cfg, other, sampling=sampling)
+    assert second["generate_tokens"] == 0
 
 
 def test_jitted_forward_does_not_recompile(model):

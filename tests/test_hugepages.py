@@ -1,43 +1,111 @@
-"""Huge pages for XLA's buffers: the environment is composed right, the re-exec happens once
-in the same process, and glibc then really serves large allocations with fewer page faults."""
+"""lit_jax.cpu_tuning: the huge-page environment is composed right and only for CPU runs, the
+re-exec happens once in the same process, and CompiledPerShape compiles once per shape on CPU."""
 
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from lit_jax.utils import hugepages
+from lit_jax import cpu_tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_thp = pytest.mark.skipif(not hugepages.supported(), reason="needs Linux, glibc >= 2.35 and THP not 'never'")
+needs_thp = pytest.mark.skipif(not cpu_tuning.supported() or cpu_tuning.accelerator_plugin() is not None,
+                               reason="needs Linux, glibc >= 2.35, THP not 'never' and no accelerator plugin")
+
+
+@pytest.fixture
+def cpu_host(monkeypatch):
+    """A platform that supports huge pages, with no accelerator plugin installed."""
+    monkeypatch.setattr(cpu_tuning, "supported", lambda: True)
+    monkeypatch.setattr(cpu_tuning, "accelerator_plugin", lambda: None)
 
 
 def test_thp_mode_is_read_from_the_bracketed_word(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
-    assert hugepages._thp_mode(str(f)) == "madvise"
+    assert cpu_tuning._thp_mode(str(f)) == "madvise"
     f.write_text("always madvise [never]\n")
-    assert hugepages._thp_mode(str(f)) == "never"
-    assert hugepages._thp_mode(str(tmp_path / "missing")) is None
+    assert cpu_tuning._thp_mode(str(f)) == "never"
+    assert cpu_tuning._thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_env_keeps_other_tunables_and_explicit_settings(monkeypatch):
-    monkeypatch.setattr(hugepages, "supported", lambda: True)
-    assert hugepages.env_with_hugepages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    env = hugepages.env_with_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"})
+def test_env_keeps_other_tunables_and_explicit_settings(cpu_host, monkeypatch):
+    assert cpu_tuning.env_with_hugepages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    env = cpu_tuning.env_with_hugepages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"})
     assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b"}
-    assert hugepages.env_with_hugepages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == \
+    assert cpu_tuning.env_with_hugepages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == \
         {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
-    assert hugepages.env_with_hugepages({"LIT_JAX_HUGEPAGES": "0"}) == {"LIT_JAX_HUGEPAGES": "0"}
-    assert hugepages.env_without_hugepages(env) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"}
-    monkeypatch.setattr(hugepages, "supported", lambda: False)
-    assert hugepages.env_with_hugepages({"A": "b"}) == {"A": "b"}
+    assert cpu_tuning.env_with_hugepages({"LIT_JAX_HUGEPAGES": "0"}) == {"LIT_JAX_HUGEPAGES": "0"}
+    assert cpu_tuning.env_without_hugepages(env) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"}
+    monkeypatch.setattr(cpu_tuning, "supported", lambda: False)
+    assert cpu_tuning.env_with_hugepages({"A": "b"}) == {"A": "b"}
+
+
+def test_jax_platforms_decides_the_backend(cpu_host):
+    for platforms, cpu in (("cpu", True), ("cpu,cuda", True), ("gpu", False), ("cuda,cpu", False), ("tpu", False)):
+        env = {"JAX_PLATFORMS": platforms}
+        assert cpu_tuning.runs_on_cpu(env) is cpu, platforms
+        assert cpu_tuning.has_tunable(cpu_tuning.env_with_hugepages(env)) is cpu, platforms
+    assert cpu_tuning.runs_on_cpu({"JAX_PLATFORMS": ""})
+
+
+@pytest.mark.parametrize("module", ["jax_plugins/xla_cuda12", "jax_plugins/xla_rocm7", "libtpu", "jax_cuda13_plugin"])
+def test_an_installed_accelerator_plugin_skips_huge_pages(tmp_path, monkeypatch, module):
+    if cpu_tuning.accelerator_plugin() is not None:
+        pytest.skip(f"a real accelerator plugin is installed: {cpu_tuning.accelerator_plugin()}")
+    monkeypatch.setattr(cpu_tuning, "supported", lambda: True)
+    assert cpu_tuning.has_tunable(cpu_tuning.env_with_hugepages({}))
+    (tmp_path / module).mkdir(parents=True)
+    (tmp_path / module / "__init__.py").write_text("raise RuntimeError('a plugin must not be imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cpu_tuning.accelerator_plugin() == module.replace("/", ".")
+    assert not cpu_tuning.runs_on_cpu({})
+    assert cpu_tuning.env_with_hugepages({}) == {}
+    assert cpu_tuning.runs_on_cpu({"JAX_PLATFORMS": "cpu"})  # asked for CPU explicitly: it runs there
+    assert cpu_tuning.has_tunable(cpu_tuning.env_with_hugepages({"JAX_PLATFORMS": "cpu"}))
+    assert module.split("/")[0] not in sys.modules
+
+
+class _Exec(Exception):
+    pass
+
+
+def _reexec(monkeypatch, env):
+    """Calls reexec_with_hugepages with os.environ = env; (path, argv, env) it would exec, or None."""
+    monkeypatch.setattr(os, "environ", dict(env))
+
+    def execve(path, argv, new_env):
+        raise _Exec(path, argv, new_env)
+
+    monkeypatch.setattr(os, "execve", execve)
+    try:
+        cpu_tuning.reexec_with_hugepages()
+    except _Exec as e:
+        return e.args
+    return None
+
+
+def test_reexec_sets_the_tunable_for_the_same_command(cpu_host, monkeypatch):
+    path, argv, env = _reexec(monkeypatch, {"A": "b"})
+    assert path == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
+    assert env == {"A": "b", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    for skip in ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, {"LIT_JAX_HUGEPAGES": "0"},
+                 {"JAX_PLATFORMS": "gpu"}):
+        assert _reexec(monkeypatch, skip) is None, skip
+    monkeypatch.setattr(cpu_tuning, "supported", lambda: False)
+    assert _reexec(monkeypatch, {"A": "b"}) is None
+    monkeypatch.setattr(cpu_tuning, "supported", lambda: True)
+    monkeypatch.setattr(cpu_tuning, "accelerator_plugin", lambda: "jax_plugins.xla_cuda12")
+    assert _reexec(monkeypatch, {"A": "b"}) is None
 
 
 _CHILD = """
 import os, sys
-from lit_jax.utils.hugepages import reexec_with_hugepages
+from lit_jax.cpu_tuning import reexec_with_hugepages
 print("start", os.getpid(), flush=True)
 reexec_with_hugepages()
 print("tunables", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
@@ -45,7 +113,7 @@ print("tunables", os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
 
 
 def _child(*args, **env):
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LIT_JAX_HUGEPAGES")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LIT_JAX_HUGEPAGES", "JAX_PLATFORMS")}
     p = subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=ROOT, env={**clean, **env},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=120)
@@ -60,35 +128,49 @@ def test_reexec_runs_the_same_command_once_in_the_same_process():
     assert lines == [f"start {pid}", f"start {pid}", "tunables glibc.malloc.hugetlb=1 ['x', '--flag=1']"]
 
 
-def test_reexec_does_nothing_when_opted_out():
-    pid, lines = _child(LIT_JAX_HUGEPAGES="0")
+@needs_thp  # elsewhere nothing would re-exec anyway
+@pytest.mark.parametrize("env", [{"LIT_JAX_HUGEPAGES": "0"}, {"JAX_PLATFORMS": "tpu"}, "plugin"])
+def test_reexec_does_nothing_when_opted_out_or_not_on_cpu(env, tmp_path):
+    if env == "plugin":  # a GPU host: the CUDA PJRT plugin is installed
+        (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+        (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
+        env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    pid, lines = _child(**env)
     assert lines == [f"start {pid}", "tunables None []"]
 
 
-_FAULTS = """
-import ctypes, resource
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-n = 64 << 20  # large enough that glibc serves it with its own mmap (numpy would madvise by itself)
-p = libc.malloc(n)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-ctypes.memset(p, 1, n)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
+class _CountingJit:
+    """A jitted function that counts its compilations and direct calls."""
+
+    def __init__(self, fn):
+        self.jitted, self.lowered, self.called = jax.jit(fn), 0, 0
+
+    def lower(self, *args):
+        self.lowered += 1
+        return self.jitted.lower(*args)
+
+    def __call__(self, *args):
+        self.called += 1
+        return self.jitted(*args)
 
 
-@needs_thp
-def test_the_tunable_cuts_page_faults_of_a_large_allocation():
-    """What the CLI gains: touching 64 MiB takes 16384 faults of 4 KiB pages; with the tunable
-    a few hundred (543 on the development machine; 32 if every 2 MiB page were huge)."""
-    def faults(env):
-        clean = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        r = subprocess.run([sys.executable, "-c", _FAULTS], env={**clean, **env}, capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 0, r.stderr
-        return int(r.stdout)
+def test_compiled_per_shape_compiles_once_per_signature_on_cpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    trims = []
+    monkeypatch.setattr(cpu_tuning, "_trim", lambda: trims.append(1))
+    jitted = _CountingJit(lambda x, y: x * 2 + y)
+    fn = cpu_tuning.CompiledPerShape(jitted)
+    for n in (3, 3, 4, 3, 4):
+        np.testing.assert_array_equal(fn(jnp.arange(n), jnp.ones(n, jnp.int32)), np.arange(n) * 2 + 1)
+    fn(jnp.arange(3.0), jnp.ones(3))  # another dtype: another executable
+    assert (jitted.lowered, jitted.called, len(trims)) == (3, 0, 3)
 
-    plain = faults({})
-    huge = faults(hugepages.env_with_hugepages({}))
-    assert plain > 8000, plain
-    assert huge < plain / 4, (huge, plain)
+
+def test_compiled_per_shape_leaves_other_backends_to_jax(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(cpu_tuning, "_trim", lambda: pytest.fail("malloc_trim off CPU"))
+    jitted = _CountingJit(lambda x: x + 1)
+    fn = cpu_tuning.CompiledPerShape(jitted)
+    for n in (3, 3, 4):
+        np.testing.assert_array_equal(fn(jnp.arange(n)), np.arange(n) + 1)
+    assert (jitted.lowered, jitted.called) == (0, 3)

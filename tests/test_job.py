@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lit_jax import sharding as shd
+from lit_jax.data import plain_batch
 from lit_jax.hf import load_params
 from lit_jax.lit.job import lit_config, train_config
 from lit_jax.lit.train_state import init_state, init_trainable, make_optimizer, trainable_axes
@@ -111,14 +112,13 @@ def test_llama3_8b_config_loads_and_its_step_compiles_abstractly():
                           shd.tree_shardings(trainable_axes(cfg, lcfg), params, mesh))
     state = jax.eval_shape(lambda p: init_state(p, opt), params)
     B, R, S, T = config.data.batch_size, 256, 128, 320
-    batch = {
-        "read_tokens": (B, R, jnp.int32), "read_valid": (B, R, bool), "read_positions": (B, S, jnp.int32),
-        "slot_mask": (B, S, bool), "decoder_tokens": (B, T, jnp.int32), "decoder_valid": (B, T, bool),
-        "write_positions": (B, S, jnp.int32), "target_positions": (B, 64, jnp.int32), "target_mask": (B, 64, bool),
-        "read_layer": (B, None, jnp.int32),
-    }
-    batch = {k: jax.ShapeDtypeStruct((b,) + ((n,) if n else ()), dt, sharding=shd.batch_sharding(mesh, 2 if n else 1))
-             for k, (b, n, dt) in batch.items()}
+    rows = {"read_tokens": (R, np.int32), "read_valid": (R, bool), "read_positions": (S, np.int32),
+            "slot_mask": (S, bool), "decoder_tokens": (T, np.int32), "decoder_valid": (T, bool),
+            "write_positions": (S, np.int32), "target_positions": (64, np.int32), "target_mask": (64, bool),
+            "read_layer": (None, np.int32)}
+    rows = {k: np.zeros((B,) + ((n,) if n else ()), dt) for k, (n, dt) in rows.items()}
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.batch_sharding(mesh, x.ndim)),
+                         plain_batch(rows))
     lowered = jit_train_step(cfg, lcfg, opt).lower(state, base, batch)
     text = lowered.as_text()
     assert "tensor<32x4096x6144xbf16>" in text  # the stacked bf16 q|k|v weights of all 32 layers

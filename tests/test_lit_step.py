@@ -13,8 +13,9 @@ from lit_jax.lit.loss import lit_loss_sums
 from lit_jax.lit.train_state import init_state, init_trainable, make_optimizer
 from lit_jax.lit.train_step import jit_train_step
 from lit_jax.models.lora import LoraConfig
-from lit_jax.utils.tracing import TRACE_COUNTS
-from tests.synthetic_batches import make_batch
+from lit_jax.data import plain_batch
+from tests.synthetic_batches import make_batch, make_lit_batch
+from tests.trace_counter import count_traces
 
 LAYER_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -92,7 +93,7 @@ def test_loss_and_gradients_match_pytorch(tiny):
     batch = make_batch(read_layer=1)
 
     def mean_loss(p):
-        s = lit_loss_sums(p, base, batch, cfg, lcfg)
+        s = lit_loss_sums(p, base, plain_batch(batch), cfg, lcfg)
         return s.loss / s.count
 
     ours_loss, ours_grads = jax.value_and_grad(mean_loss)(trainable)
@@ -109,7 +110,7 @@ def test_accumulation_equals_one_big_batch(tiny):
     cfg, base, _ = tiny
     lcfg = LitConfig(read_layers=(1,), write_layer=0, projection="mlp", lora=LoraConfig(rank=2))
     opt = optax.sgd(1.0)  # Adam would amplify float noise in near-zero gradients; SGD shows the gradient itself
-    batch = jax.device_put(make_batch(batch=4))
+    batch = jax.device_put(make_lit_batch(batch=4))
     results = []
     for accum in (1, 2, 4):
         state = init_state(_random_trainable(cfg, lcfg), opt)
@@ -127,13 +128,13 @@ def test_per_example_read_layers_pick_their_layer(tiny):
     trainable = _random_trainable(cfg, lcfg2)
     mixed = make_batch(batch=4, read_layer=0)
     mixed["read_layer"] = np.array([0, 2, 0, 2], np.int32)
-    got = lit_loss_sums(trainable, base, mixed, cfg, lcfg2)
+    got = lit_loss_sums(trainable, base, plain_batch(mixed), cfg, lcfg2)
     # Each half equals running that layer alone.
     total = 0.0
     for layer in (0, 2):
         rows = mixed["read_layer"] == layer
         sub = {k: v[rows] for k, v in mixed.items()}
-        total += float(lit_loss_sums(trainable, base, sub, cfg, LitConfig(read_layers=(layer,), lora=lcfg2.lora)).loss)
+        total += float(lit_loss_sums(trainable, base, plain_batch(sub), cfg, LitConfig(read_layers=(layer,), lora=lcfg2.lora)).loss)
     assert abs(float(got.loss) - total) < 1e-4
 
 
@@ -143,14 +144,17 @@ def test_training_lowers_the_loss_and_does_not_recompile(tiny):
     opt = make_optimizer(3e-2, 2, 40)
     state = init_state(init_trainable(jax.random.key(0), cfg, lcfg), opt)
     step = jit_train_step(cfg, lcfg, opt)
-    batches = [jax.device_put(make_batch(seed=s)) for s in range(2)]
+    batches = [jax.device_put(make_lit_batch(seed=s)) for s in range(2)]
     losses = []
-    for i in range(40):
-        state, m = step(state, base, batches[i % 2])
+    with count_traces() as first:
+        state, m = step(state, base, batches[0])
         losses.append(float(m["loss"]))
-        if i == 0:
-            traces = TRACE_COUNTS["train_step"]
-    assert TRACE_COUNTS["train_step"] == traces
+    assert first["train_step"] == 1
+    with count_traces() as later:
+        for i in range(1, 40):
+            state, m = step(state, base, batches[i % 2])
+            losses.append(float(m["loss"]))
+    assert later["train_step"] == 0
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:2])
 
 
@@ -161,7 +165,7 @@ def test_full_finetune_trains_its_own_decoder(tiny):
     state = init_state(init_trainable(jax.random.key(0), cfg, lcfg, base), opt)
     assert set(state.params) == {"proj", "decoder"}
     base_before = jax.tree.map(np.asarray, base)
-    state, m = jit_train_step(cfg, lcfg, opt)(state, base, jax.device_put(make_batch()))
+    state, m = jit_train_step(cfg, lcfg, opt)(state, base, jax.device_put(make_lit_batch()))
     assert np.isfinite(float(m["loss"]))
     changed = [not np.array_equal(np.asarray(a), b) for a, b in
                zip(jax.tree.leaves(state.params["decoder"]), jax.tree.leaves(base_before))]
@@ -184,7 +188,7 @@ def test_remat_gives_the_same_loss_and_gradients(tiny, remat):
     cfg, base, _ = tiny
     lcfg = LitConfig(read_layers=(1,), write_layer=0, lora=LoraConfig(rank=4))
     trainable = _random_trainable(cfg, lcfg)
-    batch = make_batch()
+    batch = make_lit_batch()
 
     def grads(c):
         return jax.value_and_grad(lambda p: lit_loss_sums(p, base, batch, c, lcfg).loss)(trainable)
@@ -205,7 +209,7 @@ def test_bf16_base_with_f32_trainables(tiny):
     losses = []
     step = jit_train_step(cfg16, lcfg, opt)
     for _ in range(3):
-        state, m = step(state, base16, jax.device_put(make_batch()))
+        state, m = step(state, base16, jax.device_put(make_lit_batch()))
         losses.append(float(m["loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if hasattr(x, "dtype")

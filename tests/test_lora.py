@@ -7,7 +7,7 @@ import pytest
 
 from lit_jax.hf import load_params
 from lit_jax.models import llama
-from lit_jax.models.lora import LoraConfig, init_lora, lora_delta, merge_lora
+from lit_jax.models.lora import LoraConfig, LoraWeights, init_lora, lora_delta, merge_lora
 
 
 def test_custom_vjp_matches_autodiff():
@@ -41,7 +41,7 @@ def test_adapters_equal_merged_weights(model, targets):
     lcfg = LoraConfig(rank=4, alpha=8.0, targets=targets)
     lora = _random_lora(cfg, lcfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 128, size=(2, 10)))
-    with_lora = llama.forward(params, tokens, cfg, lora=lora, lora_scale=lcfg.scale).logits
+    with_lora = llama.forward(params, tokens, cfg, lora=LoraWeights(lora, lcfg.scale)).logits
     merged = llama.forward(merge_lora(params, lora, lcfg, cfg), tokens, cfg).logits
     base = llama.forward(params, tokens, cfg).logits
     np.testing.assert_allclose(np.asarray(with_lora), np.asarray(merged), atol=1e-4, rtol=0)
@@ -54,7 +54,7 @@ def test_fresh_adapters_leave_the_base_unchanged(model):
     lora = init_lora(jax.random.key(0), cfg, lcfg)
     tokens = jnp.ones((1, 6), jnp.int32)
     np.testing.assert_allclose(
-        np.asarray(llama.forward(params, tokens, cfg, lora=lora, lora_scale=lcfg.scale).logits),
+        np.asarray(llama.forward(params, tokens, cfg, lora=LoraWeights(lora, lcfg.scale)).logits),
         np.asarray(llama.forward(params, tokens, cfg).logits), atol=1e-5, rtol=0,
     )
 
@@ -64,7 +64,7 @@ def test_gradient_flows_only_into_adapters(model):
     lcfg = LoraConfig(rank=2, targets=("q", "down"))
     lora = _random_lora(cfg, lcfg)
     tokens = jnp.ones((1, 6), jnp.int32)
-    loss = lambda lo: llama.forward(params, tokens, cfg, lora=lo, lora_scale=lcfg.scale).logits.sum()  # noqa: E731
+    loss = lambda lo: llama.forward(params, tokens, cfg, lora=LoraWeights(lo, lcfg.scale)).logits.sum()  # noqa: E731
     grads = jax.grad(loss)(lora)
     assert set(grads) == {"q", "down"}
     assert all(np.abs(np.asarray(g)).sum() > 0 for g in jax.tree.leaves(grads))

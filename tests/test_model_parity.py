@@ -71,3 +71,28 @@ def test_config_fields_follow_architecture(tiny_checkpoint):
     assert load_hf_config(tiny_checkpoint("smollm2")[0]).tie_embeddings
     assert load_hf_config(tiny_checkpoint("mistral")[0]).sliding_window == 12
     assert load_hf_config(tiny_checkpoint("llama3")[0]).rope_scaling.kind == "llama3"
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral"])
+def test_attention_implementations_give_the_same_model(tiny_checkpoint, arch):
+    """blocked (CPU), fused (GPU/TPU call, run here with XLA's implementation) and dense: same logits
+    and gradients on right-padded rows (mistral: with its sliding window)."""
+    path, _ = tiny_checkpoint(arch)
+    cfg, params = load_params(path)
+    params = jax.device_put(params)
+    lengths = np.array([T, T - 7, 5])
+    valid = jnp.asarray(np.arange(T)[None] < lengths[:, None])
+    tokens = jnp.asarray(np.where(valid, _inputs(2), 0))
+
+    def run(impl):
+        c = cfg.replace(attention=impl)
+        loss = lambda p: jnp.sum(llama.forward(p, tokens, c, valid=valid).logits * valid[..., None])  # noqa: E731
+        logits = llama.forward(params, tokens, c, valid=valid).logits
+        return np.asarray(logits)[np.asarray(valid)], jax.grad(loss)(params)
+
+    ref_logits, ref_grads = run("blocked")
+    for impl in ("fused", "dense"):
+        logits, grads = run(impl)
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-4)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lit_jax.hf import load_params
+from lit_jax.lit.residual_stream import ResidualWrite, apply_write, read_residual_stream, write_edit
 from lit_jax.models import llama
-from lit_jax.models.residual import ResidualWrite, apply_write
 
 
 def _hf(model, tokens, hook_layer=None, hook=None, **kw):
@@ -39,10 +39,10 @@ def qwen3(tiny_checkpoint):
 def test_read_equals_hf_hidden_state(qwen3, layer, scan_layers):
     cfg, params, model = qwen3
     tokens = np.random.default_rng(0).integers(3, 128, size=(2, 11))
-    out = llama.forward(params, jnp.asarray(tokens), cfg.replace(scan_layers=scan_layers), stop_after_layer=layer)
-    assert out.logits is None
+    hidden = read_residual_stream(params, jnp.asarray(tokens), cfg.replace(scan_layers=scan_layers), (layer,))
+    assert hidden.shape == (1, 2, 11, cfg.hidden_size)
     ref = _hf(model, tokens).hidden_states[layer + 1].numpy()
-    np.testing.assert_allclose(np.asarray(out.hidden), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(hidden[0]), ref, atol=1e-5, rtol=0)
 
 
 def _write(batch=2, slots=3, d=64, seed=0):
@@ -78,7 +78,7 @@ def test_write_equals_hf_forward_hook(qwen3, mode, layer, scan_layers):
     tokens = np.random.default_rng(1).integers(3, 128, size=(2, 9))
     write = _write()
     ours = llama.forward(params, jnp.asarray(tokens), cfg.replace(scan_layers=scan_layers),
-                         write=write, write_layer=layer, write_mode=mode).logits
+                         edit=write_edit(write, layer, mode)).logits
     ref = _hf(model, tokens, hook_layer=layer, hook=_hook_for(write, mode)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
     plain = llama.forward(params, jnp.asarray(tokens), cfg).logits
@@ -105,22 +105,22 @@ def test_add_norm_matched_is_finite_for_zero_vectors_and_differentiable():
 def test_bad_write_layer_and_mode_raise(qwen3):
     cfg, params, _ = qwen3
     tokens = jnp.ones((2, 9), jnp.int32)
-    with pytest.raises(ValueError, match="write_layer"):
-        llama.forward(params, tokens, cfg, write=_write(), write_layer=2, stop_after_layer=1)
-    with pytest.raises(ValueError, match="write mode"):
-        llama.forward(params, tokens, cfg, write=_write(), write_mode="add")
-    with pytest.raises(ValueError, match=r"read layer\(s\) 3 outside"):
-        llama.forward(params, tokens, cfg, stop_after_layer=cfg.num_layers)
+    with pytest.raises(ValueError, match="edit after block 3: outside the model's 3 layers"):
+        llama.forward(params, tokens, cfg, edit=write_edit(_write(), cfg.num_layers, "replace"))
+    with pytest.raises(ValueError, match="write mode 'add'"):
+        write_edit(_write(), 0, "add")
+    with pytest.raises(ValueError, match=r"read layer\(s\) \(0, 3\) outside \[0, 3\)"):
+        read_residual_stream(params, tokens, cfg, (cfg.num_layers, 0))
+    with pytest.raises(ValueError, match="no layers"):
+        read_residual_stream(params, tokens, cfg, ())
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_collect_layers_equals_hf_hidden_states(qwen3, scan_layers):
+def test_read_several_layers_equals_hf_hidden_states(qwen3, scan_layers):
     cfg, params, model = qwen3
     tokens = np.random.default_rng(2).integers(3, 128, size=(2, 7))
-    out = llama.forward(params, jnp.asarray(tokens), cfg.replace(scan_layers=scan_layers), collect_layers=(1, 0))
+    hidden = read_residual_stream(params, jnp.asarray(tokens), cfg.replace(scan_layers=scan_layers), (1, 0, 1))
     hs = _hf(model, tokens).hidden_states
-    assert out.hidden.shape[0] == 2
-    np.testing.assert_allclose(np.asarray(out.hidden[0]), hs[1].numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out.hidden[1]), hs[2].numpy(), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="not both"):
-        llama.forward(params, tokens, cfg, stop_after_layer=0, collect_layers=(1,))
+    assert hidden.shape[0] == 2  # layer_order: sorted, without repeats
+    np.testing.assert_allclose(np.asarray(hidden[0]), hs[1].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(hidden[1]), hs[2].numpy(), atol=1e-5, rtol=0)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lit_jax.generate import SamplingConfig, chat, generate
+from lit_jax.lit.residual_stream import read_residual_stream
 from lit_jax.models import llama
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -42,7 +43,7 @@ def test_logits_match_transformers(smollm2, hf_smollm2):
 def test_reading_layer_matches_hidden_states(smollm2, hf_smollm2):
     model, _ = hf_smollm2
     ids = np.array([_chat_ids(smollm2.tokenizer)])
-    ours = llama.forward(smollm2.params, jnp.asarray(ids), smollm2.cfg, stop_after_layer=15).hidden
+    ours = read_residual_stream(smollm2.params, jnp.asarray(ids), smollm2.cfg, (15,))[0]
     with torch.no_grad():
         ref = model(torch.tensor(ids), output_hidden_states=True).hidden_states[16].numpy()
     assert np.abs(np.asarray(ours) - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())

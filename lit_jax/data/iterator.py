@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from lit_jax.data.batching import collate
-from lit_jax.data.source import ExampleSource
+from lit_jax.data.storage import ExampleSource
 
 STATE_VERSION = 1
 

@@ -1,34 +1,36 @@
-"""Packs a collated batch into prefix trees: shared prefixes are computed once, padding is gone.
+"""Packs collated example rows into prefix trees (a LitBatch): shared prefixes computed once, no padding.
 
 In a LIT batch most decoder tokens repeat: every row starts with the same chat-template
 prefix (SmolLM2's default system prompt and the user header: 24 tokens), and the QA pairs
 of one dialog share its placeholders and the acknowledgement turn; the target side
 repeats the template and, for QA pairs of one dialog, the whole read dialog. Packing
-merges the rows of a batch into a trie per packed row (decoder and target each), laid
-out in depth-first order. With `tree_end` (the last index of each node's subtree) as
-the attention mask and the depth as the rotary position, every node attends to exactly
-its ancestors, so each original sequence is computed as it would be alone, and a
-shared node's gradient is the sum over the sequences that share it: the loss and its
-gradients equal the unpacked batch's (tests/test_packing.py).
+merges the rows of a batch into a trie per packed row (read and decoder side each), laid
+out in depth-first order: a `TokenTree` (batch.py) whose `subtree_end` (the last index of
+each node's subtree) is the attention mask and whose `depth` is the rotary position, so
+every node attends to exactly its ancestors, each original sequence is computed as it
+would be alone, and a shared node's gradient is the sum over the sequences that share
+it: the loss and its gradients equal the unpacked batch's (tests/test_packing.py).
 
 Decoder nodes are keyed by (token, what is written there): a placeholder node holds the
 read node and layer its activation comes from, so two placeholders merge only when the
-same activation is written into them.
+same activation is written into them. `Slots` then has one entry per written node,
+`Targets` one per answer token (its logit position is the parent node).
 
-Packed fields ([rows, n] per field; `PACKED_KEYS` in lit/loss.py):
-  read_tokens, read_valid, read_pos, read_end               the target trie
-  read_positions, slot_layer, slot_mask, write_positions    one entry per written node
-  decoder_tokens, decoder_valid, decoder_pos, decoder_end   the decoder trie
-  logit_positions, target_tokens, target_mask               one entry per answer token
-  decoder_count                                             unpacked decoder tokens (for tok/s)
-Sizes are padded to a few levels per bucket (`PackedSizes`) so a run compiles few shapes.
+Sizes are padded to a few levels per bucket (`PackedSizes`) so a run compiles few shapes;
+`StepBatches` turns the iterator's rows into the step's LitBatch, packed or plain.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
+import jax
 import numpy as np
+
+from lit_jax.data.batch import LitBatch, Slots, Targets, TokenTree, plain_batch
+from lit_jax.padding import round_up
+
+SIDES = ("read", "slot", "decoder", "target")  # the lengths a packed batch needs
 
 
 class Trie:
@@ -74,15 +76,55 @@ class Trie:
         paths = [order[np.asarray(p, np.int64)].astype(np.int32) for p in self._paths]
         return keys, depth, end, paths
 
-
-def round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-def _row_groups(real: list[int], rows: int) -> list[list[int]]:
+def _row_groups(real: list[int], num_rows: int) -> list[list[int]]:
     """Examples -> packed rows: contiguous runs (the iterator keeps a dialog's QA pairs adjacent)."""
-    per = -(-len(real) // rows) if real else 0
-    return [real[i * per:(i + 1) * per] for i in range(rows)]
+    per = -(-len(real) // num_rows) if real else 0
+    return [real[i * per:(i + 1) * per] for i in range(num_rows)]
+
+
+def _pack_rows(rows: dict[str, np.ndarray], num_rows: int) -> tuple[list[dict], dict[str, int]]:
+    """(each packed row's arrays, the lengths they need: the longest packed row per side)."""
+    if num_rows < 1:
+        raise ValueError(f"num_rows={num_rows}: pack into at least one row")
+    real = [i for i in range(rows["decoder_tokens"].shape[0]) if rows["decoder_valid"][i].any()]
+    packed = [_pack_row(rows, group) for group in _row_groups(real, num_rows)]
+    return packed, {k: max(len(p[k][-1]) for p in packed) for k in SIDES}
+
+
+def pack_batch(rows: dict[str, np.ndarray], num_rows: int = 1, multiple: int = 16,
+               sizes: Callable[[dict[str, int]], dict[str, int]] | None = None) -> LitBatch:
+    """Collated example rows (batching.py `collate`) -> a LitBatch of `num_rows` packed rows. Dummy rows are dropped.
+
+    sizes: maps the needed {"read", "slot", "decoder", "target"} lengths to the padded ones
+    (default: each rounded up to `multiple`, at least one multiple; in training, `PackedSizes`).
+    Padding entries are 0 with every mask False.
+    """
+    packed, needed = _pack_rows(rows, num_rows)
+    sizes = sizes(needed) if sizes is not None else {k: round_up(max(n, 1), multiple) for k, n in needed.items()}
+    if any(sizes[k] < n for k, n in needed.items()):
+        raise ValueError(f"padded sizes {sizes} below the packed lengths {needed}")
+
+    def zeros(side: str, dtype=np.int32) -> np.ndarray:
+        return np.zeros((num_rows, sizes[side]), dtype)
+
+    read = TokenTree(zeros("read"), zeros("read", bool), zeros("read"), zeros("read"))
+    decoder = TokenTree(zeros("decoder"), zeros("decoder", bool), zeros("decoder"), zeros("decoder"))
+    slots = Slots(zeros("slot"), zeros("slot"), zeros("slot"), zeros("slot", bool))
+    targets = Targets(zeros("target"), zeros("target"), zeros("target", bool))
+    count = np.zeros((num_rows,), np.int32)
+    for r, p in enumerate(packed):
+        for tree, (tokens, depth, end) in ((read, p["read"]), (decoder, p["decoder"])):
+            n = len(tokens)
+            tree.tokens[r, :n], tree.depth[r, :n], tree.subtree_end[r, :n], tree.valid[r, :n] = tokens, depth, end, True
+        read_at, layer, write_at = p["slot"]
+        n = len(read_at)
+        slots.read_positions[r, :n], slots.layer[r, :n], slots.write_positions[r, :n] = read_at, layer, write_at
+        slots.mask[r, :n] = True
+        logit_at, target = p["target"]
+        n = len(target)
+        targets.logit_positions[r, :n], targets.tokens[r, :n], targets.mask[r, :n] = logit_at, target, True
+        count[r] = p["count"]
+    return LitBatch(read=read, slots=slots, decoder=decoder, targets=targets, decoder_count=count)
 
 
 class PackedSizes:
@@ -101,12 +143,16 @@ class PackedSizes:
         self._levels: dict[Hashable, list[dict[str, int]]] = {}
 
     def rounded(self, need: dict[str, int]) -> dict[str, int]:
-        return {k: round_up(n, self.multiple) for k, n in need.items()}
+        return {k: round_up(max(n, 1), self.multiple) for k, n in need.items()}
 
     def plan(self, key: Hashable, needs: Sequence[dict[str, int]]) -> None:
         needs = sorted(needs, key=lambda n: n["decoder"])
         groups = [g for g in np.array_split(np.arange(len(needs)), min(self.max_levels, len(needs))) if len(g)]
         self._levels[key] = [self.rounded({k: max(needs[i][k] for i in g) for k in needs[0]}) for g in groups]
+
+    def levels(self, key: Hashable) -> list[dict[str, int]]:
+        """The padded sizes bucket `key`'s batches take so far, smallest first: the shapes they compile to."""
+        return sorted((dict(lv) for lv in self._levels.get(key, [])), key=lambda lv: lv["decoder"])
 
     def __call__(self, key: Hashable, need: dict[str, int]) -> dict[str, int]:
         levels = self._levels.setdefault(key, [])
@@ -120,79 +166,68 @@ class PackedSizes:
         largest.update({k: max(largest[k], v) for k, v in self.rounded(need).items()})
         return largest
 
-    def shapes(self) -> int:
-        return sum(len(v) for v in self._levels.values())
+
+def bucket_key(rows: dict[str, np.ndarray]) -> tuple[int, ...]:
+    """The collated rows' shape: packed batches from one bucket share their padded sizes."""
+    return tuple(rows[k].shape[1] for k in ("read_tokens", "read_positions", "decoder_tokens", "target_positions"))
 
 
-def bucket_key(batch: dict[str, np.ndarray]) -> tuple[int, ...]:
-    """The collated batch's shape: packed batches from one bucket share their padded sizes."""
-    return tuple(batch[k].shape[1] for k in ("read_tokens", "read_positions", "decoder_tokens", "target_positions"))
+def agree_across_processes(need: dict[str, int]) -> dict[str, int]:
+    """The most each length is needed on any process (every process must feed arrays of one shape)."""
+    if jax.process_count() == 1:
+        return need
+    from jax.experimental import multihost_utils
+
+    names = sorted(need)
+    most = multihost_utils.process_allgather(np.asarray([need[k] for k in names])).max(axis=0)
+    return dict(zip(names, (int(x) for x in most)))
 
 
-def pack_batch(batch: dict[str, np.ndarray], rows: int = 1, multiple: int = 16,
-               sizes: Callable[[dict[str, int]], dict[str, int]] | None = None) -> dict[str, np.ndarray]:
-    """A collated batch (batching.py) -> `rows` packed rows (module docstring). Dummy rows are dropped.
+class StepBatches:
+    """The iterator's collated rows as the step takes them: a LitBatch, packed into prefix trees when `pack`.
 
-    sizes: maps the needed {"read", "slot", "decoder", "target"} lengths to the padded ones
-    (default: each rounded up to `multiple`; in training, `PackedSizes`).
+    pack=False: `plain_batch` (one chain per row). pack=True: `num_rows` packed rows, padded to
+    `PackedSizes` levels (`multiple`, `levels` per bucket); with several processes a batch's
+    needed sizes are the maximum over processes (one small host all-gather per batch).
     """
-    if rows < 1:
-        raise ValueError(f"rows={rows}: pack into at least one row")
-    real = [i for i in range(batch["decoder_tokens"].shape[0]) if batch["decoder_valid"][i].any()]
-    packed = []
-    for group in _row_groups(real, rows):
-        packed.append(_pack_row(batch, group))
-    needed = {k: max(len(p[k][-1]) for p in packed) for k in ("read", "slot", "decoder", "target")}
-    sizes = sizes(needed) if sizes is not None else {k: round_up(n, multiple) for k, n in needed.items()}
-    if any(sizes[k] < n for k, n in needed.items()):
-        raise ValueError(f"padded sizes {sizes} below the packed lengths {needed}")
-    out = {
-        "read_tokens": np.zeros((rows, sizes["read"]), np.int32), "read_valid": np.zeros((rows, sizes["read"]), bool),
-        "read_pos": np.zeros((rows, sizes["read"]), np.int32), "read_end": np.zeros((rows, sizes["read"]), np.int32),
-        "read_positions": np.zeros((rows, sizes["slot"]), np.int32),
-        "slot_layer": np.zeros((rows, sizes["slot"]), np.int32),
-        "slot_mask": np.zeros((rows, sizes["slot"]), bool),
-        "write_positions": np.zeros((rows, sizes["slot"]), np.int32),
-        "decoder_tokens": np.zeros((rows, sizes["decoder"]), np.int32),
-        "decoder_valid": np.zeros((rows, sizes["decoder"]), bool),
-        "decoder_pos": np.zeros((rows, sizes["decoder"]), np.int32),
-        "decoder_end": np.zeros((rows, sizes["decoder"]), np.int32),
-        "logit_positions": np.zeros((rows, sizes["target"]), np.int32),
-        "target_tokens": np.zeros((rows, sizes["target"]), np.int32),
-        "target_mask": np.zeros((rows, sizes["target"]), bool),
-        "decoder_count": np.zeros((rows,), np.int32),
-    }
-    for r, p in enumerate(packed):
-        for side in ("read", "decoder"):
-            tokens, depth, end = p[side]
-            n = len(tokens)
-            out[f"{side}_tokens"][r, :n], out[f"{side}_pos"][r, :n], out[f"{side}_end"][r, :n] = tokens, depth, end
-            out[f"{side}_valid"][r, :n] = True
-        read_at, layer, write_at = p["slot"]
-        n = len(read_at)
-        out["read_positions"][r, :n], out["slot_layer"][r, :n], out["write_positions"][r, :n] = read_at, layer, write_at
-        out["slot_mask"][r, :n] = True
-        logit_at, target = p["target"]
-        n = len(target)
-        out["logit_positions"][r, :n], out["target_tokens"][r, :n], out["target_mask"][r, :n] = logit_at, target, True
-        out["decoder_count"][r] = p["count"]
-    return out
+
+    def __init__(self, pack: bool, num_rows: int, multiple: int = 16, levels: int = 3):
+        self.pack, self.num_rows, self.multiple = bool(pack), int(num_rows), int(multiple)
+        self.sizes = PackedSizes(self.multiple, levels)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> LitBatch:
+        if not self.pack:
+            return plain_batch(rows)
+        key = bucket_key(rows)
+        return pack_batch(rows, self.num_rows, self.multiple,
+                          sizes=lambda need: self.sizes(key, agree_across_processes(need)))
+
+    def presize(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
+        """Plans the size levels from `batches` (a look-ahead), so the run starts with the shapes it will use."""
+        if not self.pack:
+            return
+        needs: dict[tuple, list[dict[str, int]]] = {}
+        for rows in batches:
+            needs.setdefault(bucket_key(rows), []).append(agree_across_processes(_pack_rows(rows, self.num_rows)[1]))
+        for key, seen in needs.items():
+            self.sizes.plan(key, seen)
 
 
-def _pack_row(batch: dict[str, np.ndarray], examples: list[int]) -> dict:
+def _pack_row(rows: dict[str, np.ndarray], examples: list[int]) -> dict:
+    """The examples (row indices of `rows`) merged into one read trie and one decoder trie."""
     read, decoder = Trie(), Trie()
-    read_len = {i: int(batch["read_valid"][i].sum()) for i in examples}
+    read_len = {i: int(rows["read_valid"][i].sum()) for i in examples}
     for i in examples:
-        read.insert(batch["read_tokens"][i, :read_len[i]].tolist())
+        read.insert(rows["read_tokens"][i, :read_len[i]].tolist())
     read_keys, read_depth, read_end, read_paths = read.layout()
 
-    dec_len = {i: int(batch["decoder_valid"][i].sum()) for i in examples}
+    dec_len = {i: int(rows["decoder_valid"][i].sum()) for i in examples}
     for j, i in enumerate(examples):
-        keys: list[Hashable] = batch["decoder_tokens"][i, :dec_len[i]].tolist()
-        slots = np.flatnonzero(batch["slot_mask"][i])
+        keys: list[Hashable] = rows["decoder_tokens"][i, :dec_len[i]].tolist()
+        slots = np.flatnonzero(rows["slot_mask"][i])
         for s in slots:  # a written position is keyed by the activation written there
-            w = int(batch["write_positions"][i, s])
-            keys[w] = (keys[w], int(read_paths[j][batch["read_positions"][i, s]]), int(batch["read_layer"][i]))
+            w = int(rows["write_positions"][i, s])
+            keys[w] = (keys[w], int(read_paths[j][rows["read_positions"][i, s]]), int(rows["read_layer"][i]))
         decoder.insert(keys)
     dec_keys, dec_depth, dec_end, dec_paths = decoder.layout()
 
@@ -204,11 +239,11 @@ def _pack_row(batch: dict[str, np.ndarray], examples: list[int]) -> dict:
 
     logit_at, target = [], []
     for j, i in enumerate(examples):
-        for t in np.flatnonzero(batch["loss_mask"][i]):
+        for t in np.flatnonzero(rows["loss_mask"][i]):
             if t == 0:
                 raise ValueError(f"row {i}: a target at position 0 has no preceding token to predict it")
             logit_at.append(dec_paths[j][t - 1])
-            target.append(batch["decoder_tokens"][i, t])
+            target.append(rows["decoder_tokens"][i, t])
     at = np.asarray(sorted(written), np.int32)
     return dict(  # side -> arrays of one length (the last one's length is the size before rounding)
         read=(np.asarray(read_keys, np.int32), read_depth, read_end),

@@ -1,8 +1,17 @@
 """Config + tokenizer -> train / held-out example sources (through the tfds store, or in memory).
 
-Steps: read the configured sources into Records -> split by label -> tokenize (chat
-template spans, decoder prompt style) -> choose or check the length buckets (shared by
-both splits, so they compile the same shapes) -> example ids = positions in each split.
+Steps: read the configured sources into Records (readers.py) -> split by label ->
+tokenize (chat template spans, decoder prompt style) -> choose or check the length
+buckets (shared by both splits, so they compile the same shapes) -> example ids =
+positions in each split -> an ExampleSource per split (storage.py).
+
+The split is by label (never by example), per label family, with a fixed seed: within
+each family (latentqa, relations, classification, jsonl) the sorted labels are
+permuted by a generator seeded with (split_seed, family) and the first
+round(fraction * n) are held out (at least one when fraction > 0 and the family has two
+or more labels; never all of them). A label is held out in every file it occurs in (a
+LatentQA persona appears in control, stimulus and system files alike), so no held-out
+persona, goal, relation or dataset is seen in training.
 """
 
 from __future__ import annotations
@@ -10,22 +19,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+import zlib
+from typing import Any, Iterable
 
 import numpy as np
 from ml_collections import ConfigDict
 
-from lit_jax.data.buckets import assign_buckets, choose_buckets, order_buckets
+from lit_jax.data.batching import assign_buckets, choose_buckets, order_buckets
 from lit_jax.data.config import check_data_config, resolve_data_dir
 from lit_jax.data.decoder import DecoderFormat
 from lit_jax.data.errors import BadRecords, log
 from lit_jax.data.examples import example_lengths, read_groups, tokenize_records
-from lit_jax.data.source import ExampleSource
-from lit_jax.data.sources import expand_sources, read_all_sources
-from lit_jax.data.splits import split_by_label
+from lit_jax.data.readers import expand_sources, read_all_sources
+from lit_jax.data.records import Record
+from lit_jax.data.storage import SPLITS, ExampleSource, is_prepared, read_tfds, write_tfds
+from lit_jax.padding import round_up
 
 PIPELINE_VERSION = 3  # bump when the tokenization rules change: old tfds stores are then not reused
-SPLITS = ("train", "heldout")
 # Settings that do not change the prepared examples (batching and storage only).
 NOT_CONTENT = ("batch_size", "shuffle_seed", "storage", "tfds_dir", "train_drop_remainder", "data_dir", "group_by_read")
 
@@ -35,6 +45,29 @@ def pad_id_of(tokenizer: Any) -> int:
         if i is not None:
             return int(i)
     return 0
+
+
+def heldout_labels(labels: Iterable[str], fraction: float, seed: int, family: str) -> set[str]:
+    labels = sorted(set(labels))
+    if fraction <= 0 or len(labels) < 2:
+        return set()
+    n = min(max(1, round(fraction * len(labels))), len(labels) - 1)
+    order = np.random.default_rng([seed, zlib.crc32(family.encode())]).permutation(len(labels))
+    return {labels[i] for i in order[:n]}
+
+
+def split_by_label(families: list[tuple[str, list[Record]]], fraction: float, seed: int
+                   ) -> dict[str, list[Record]]:
+    """{'train': [...], 'heldout': [...]} keeping the records' order within each split."""
+    by_family: dict[str, set[str]] = {}
+    for fam, records in families:
+        by_family.setdefault(fam, set()).update(r.label for r in records)
+    held = set().union(*(heldout_labels(ls, fraction, seed, fam) for fam, ls in by_family.items()))
+    out: dict[str, list[Record]] = {"train": [], "heldout": []}
+    for _, records in families:
+        for r in records:
+            out["heldout" if r.label in held else "train"].append(r)
+    return out
 
 
 def fit_buckets(examples: dict[str, list[dict]], data_cfg: ConfigDict, bad: BadRecords
@@ -69,7 +102,7 @@ def bucket_targets(examples: dict[str, list[dict]], buckets, multiple: int) -> l
         ids = assign_buckets(example_lengths(examples[split]), buckets)
         for ex, b in zip(examples[split], ids):
             most[b] = max(most[b], int(np.sum(ex["loss_mask"])))
-    return [-(-m // multiple) * multiple for m in most]
+    return [round_up(m, multiple) for m in most]
 
 
 def prepare_examples(data_cfg: ConfigDict, tokenizer: Any) -> tuple[dict[str, list[dict]], dict[str, Any]]:
@@ -123,15 +156,13 @@ def build_splits(data_cfg: ConfigDict, tokenizer: Any) -> dict[str, ExampleSourc
     """
     if data_cfg.storage == "memory":
         return in_memory_sources(*prepare_examples(data_cfg, tokenizer))
-    from lit_jax.data import tfds_store
-
     check_data_config(data_cfg)
     fp = fingerprint(data_cfg, tokenizer)
     tfds_dir = os.path.abspath(os.path.expanduser(data_cfg.tfds_dir))
-    if not tfds_store.is_prepared(tfds_dir, fp):
+    if not is_prepared(tfds_dir, fp):
         examples, meta = prepare_examples(data_cfg, tokenizer)
         metas = {s: {**meta, "fingerprint": fp, "lengths": example_lengths(examples[s]).tolist(),
                      "groups": read_groups(examples[s]).tolist()} for s in SPLITS}
-        path = tfds_store.write_tfds(examples, metas, tfds_dir, fp)
+        path = write_tfds(examples, metas, tfds_dir, fp)
         log.info("wrote the tfds dataset %s", path)
-    return tfds_store.read_tfds(tfds_dir, fp)
+    return read_tfds(tfds_dir, fp)

@@ -1,6 +1,7 @@
 """Between HF tensor names/layouts ([out, in] per projection, per layer) and our stacked params.
 
-Used by every loader (safetensors, GGUF) and by the exporter, so the layout lives in one place.
+Used by every loader (safetensors, GGUF) and by the exporter; the fused q|k|v and gate|up
+layouts come from models/fused_layout.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ml_dtypes
 import numpy as np
 
 from lit_jax.models.config import ModelConfig
+from lit_jax.models.fused_layout import gate_up_layout, qkv_layout
 
 
 class CheckpointError(ValueError):
@@ -59,8 +61,8 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
     """
     dt = np_dtype(cfg.dtype)
     shapes = hf_shapes(cfg)
-    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    L, D, F, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv, gate_up = qkv_layout(cfg), gate_up_layout(cfg)
 
     def fetch(name: str) -> np.ndarray:
         x = get(name)
@@ -70,47 +72,41 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
             )
         return np.asarray(x)
 
+    def fetch_t(name: str) -> np.ndarray:  # HF stores [out, in]; we use [in, out]
+        return fetch(name).T
+
     layers = {
         "attn_norm": np.empty((L, D), dt),
-        "qkv": np.empty((L, D, H, G + 2, hd), dt),  # flattened to [L, D, H*(G+2)*hd] at the end
-        "o": np.empty((L, H * G * hd, D), dt),
+        "qkv": np.empty((L, D, qkv.width), dt),
+        "o": np.empty((L, qkv.member_width("q"), D), dt),
         "mlp_norm": np.empty((L, D), dt),
-        "gate_up": np.empty((L, D, F, 2), dt),  # flattened to [L, D, F*2] (interleaved) at the end
+        "gate_up": np.empty((L, D, gate_up.width), dt),
         "down": np.empty((L, F, D), dt),
     }
     if cfg.qkv_bias:
-        layers["qkv_bias"] = np.empty((L, H, G + 2, hd), dt)
+        layers["qkv_bias"] = np.empty((L, qkv.width), dt)
     if cfg.o_bias:
         layers["o_bias"] = np.empty((L, D), dt)
     if cfg.qk_norm:
         layers["q_norm"] = np.empty((L, hd), dt)
         layers["k_norm"] = np.empty((L, hd), dt)
 
-    for i in range(L):
+    for i in range(L):  # one layer at a time into the preallocated stacks
         p = f"model.layers.{i}."
         layers["attn_norm"][i] = fetch(p + "input_layernorm.weight")
         layers["mlp_norm"][i] = fetch(p + "post_attention_layernorm.weight")
-        qkv = layers["qkv"][i]
-        qkv[:, :, :G] = fetch(p + "self_attn.q_proj.weight").T.reshape(D, H, G, hd)
-        qkv[:, :, G] = fetch(p + "self_attn.k_proj.weight").T.reshape(D, H, hd)
-        qkv[:, :, G + 1] = fetch(p + "self_attn.v_proj.weight").T.reshape(D, H, hd)
-        layers["o"][i] = fetch(p + "self_attn.o_proj.weight").T
-        layers["gate_up"][i, :, :, 0] = fetch(p + "mlp.gate_proj.weight").T
-        layers["gate_up"][i, :, :, 1] = fetch(p + "mlp.up_proj.weight").T
-        layers["down"][i] = fetch(p + "mlp.down_proj.weight").T
+        layers["qkv"][i] = qkv.fuse({m: fetch_t(f"{p}self_attn.{m}_proj.weight") for m in qkv.names})
+        layers["o"][i] = fetch_t(p + "self_attn.o_proj.weight")
+        layers["gate_up"][i] = gate_up.fuse({m: fetch_t(f"{p}mlp.{m}_proj.weight") for m in gate_up.names})
+        layers["down"][i] = fetch_t(p + "mlp.down_proj.weight")
         if cfg.qkv_bias:
-            b = layers["qkv_bias"][i]
-            b[:, :G] = fetch(p + "self_attn.q_proj.bias").reshape(H, G, hd)
-            b[:, G] = fetch(p + "self_attn.k_proj.bias").reshape(H, hd)
-            b[:, G + 1] = fetch(p + "self_attn.v_proj.bias").reshape(H, hd)
+            layers["qkv_bias"][i] = qkv.fuse({m: fetch(f"{p}self_attn.{m}_proj.bias") for m in qkv.names})
         if cfg.o_bias:
             layers["o_bias"][i] = fetch(p + "self_attn.o_proj.bias")
         if cfg.qk_norm:
             layers["q_norm"][i] = fetch(p + "self_attn.q_norm.weight")
             layers["k_norm"][i] = fetch(p + "self_attn.k_norm.weight")
 
-    layers["qkv"] = layers["qkv"].reshape(L, D, -1)
-    layers["gate_up"] = layers["gate_up"].reshape(L, D, -1)
     params = {
         "embed": fetch("model.embed_tokens.weight").astype(dt, copy=False),
         "final_norm": fetch("model.norm.weight").astype(dt, copy=False),
@@ -123,7 +119,7 @@ def params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, source: s
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (hf_name, array) for every tensor, in the checkpoint dtype; one tensor at a time."""
-    H, G, hd, D = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, cfg.hidden_size
+    qkv, gate_up = qkv_layout(cfg), gate_up_layout(cfg)
     host = lambda a: np.asarray(a)  # noqa: E731 - device -> host, one array at a time
     c = np.ascontiguousarray
     yield "model.embed_tokens.weight", host(params["embed"])
@@ -133,22 +129,17 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarr
     lay = params["layers"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        qkv = host(lay["qkv"][i]).reshape(D, H, G + 2, hd)
         yield p + "input_layernorm.weight", host(lay["attn_norm"][i])
         yield p + "post_attention_layernorm.weight", host(lay["mlp_norm"][i])
-        yield p + "self_attn.q_proj.weight", c(qkv[:, :, :G].reshape(D, -1).T)
-        yield p + "self_attn.k_proj.weight", c(qkv[:, :, G].reshape(D, -1).T)
-        yield p + "self_attn.v_proj.weight", c(qkv[:, :, G + 1].reshape(D, -1).T)
+        for m, w in qkv.split(host(lay["qkv"][i])).items():
+            yield f"{p}self_attn.{m}_proj.weight", c(w.T)
         yield p + "self_attn.o_proj.weight", c(host(lay["o"][i]).T)
-        gu = host(lay["gate_up"][i]).reshape(D, -1, 2)
-        yield p + "mlp.gate_proj.weight", c(gu[:, :, 0].T)
-        yield p + "mlp.up_proj.weight", c(gu[:, :, 1].T)
+        for m, w in gate_up.split(host(lay["gate_up"][i])).items():
+            yield f"{p}mlp.{m}_proj.weight", c(w.T)
         yield p + "mlp.down_proj.weight", c(host(lay["down"][i]).T)
         if cfg.qkv_bias:
-            b = host(lay["qkv_bias"][i])
-            yield p + "self_attn.q_proj.bias", c(b[:, :G].reshape(-1))
-            yield p + "self_attn.k_proj.bias", c(b[:, G].reshape(-1))
-            yield p + "self_attn.v_proj.bias", c(b[:, G + 1].reshape(-1))
+            for m, b in qkv.split(host(lay["qkv_bias"][i])).items():
+                yield f"{p}self_attn.{m}_proj.bias", c(b)
         if cfg.o_bias:
             yield p + "self_attn.o_proj.bias", host(lay["o_bias"][i])
         if cfg.qk_norm:

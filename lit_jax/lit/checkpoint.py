@@ -98,9 +98,6 @@ class Checkpointer:
         state = type(like_state)(tree["step"], tree["params"], tree["opt_state"])
         return state, out["data"], out["meta"]
 
-    def wait(self) -> None:
-        self._mngr.wait_until_finished()
-
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lit_jax.models.lora import LoraConfig
-from lit_jax.models.residual import WRITE_MODES
+from lit_jax.lit.residual_stream import WRITE_MODES
 
 PROJECTIONS = ("identity", "linear", "mlp")
 ABLATIONS = ("none", "zeros")

@@ -25,13 +25,15 @@ from lit_jax.lit.read import Reader
 from lit_jax.lit.train import TrainConfig, train
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
-from lit_jax.models.lora import LoraConfig, merge_lora
+from lit_jax.models.lora import merge_lora
+from lit_jax.settings import (DemoConfig, ExportConfig, MeshConfig, from_section, lit_from_section, model_run_options,
+                              train_from_config)
 
 
 def load_model(m: ConfigDict, seed: int = 0) -> tuple[ModelConfig, dict, Any]:
     """(cfg, numpy params, tokenizer). source "random" builds a random model of `m.random` shape
     over the tokenizer of `m.tokenizer` (for tests and dry runs)."""
-    run = dict(dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+    run = model_run_options(m)
     if m.source == "random":
         tokenizer = load_tokenizer(resolve_model_path(m.tokenizer))
         cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=len(tokenizer),
@@ -45,16 +47,13 @@ def load_model(m: ConfigDict, seed: int = 0) -> tuple[ModelConfig, dict, Any]:
 
 
 def lit_config(config: ConfigDict) -> LitConfig:
-    c = config.lit
-    lora = None if c.full_finetune else LoraConfig(rank=c.lora_rank, alpha=c.lora_alpha, targets=tuple(c.lora_targets))
-    return LitConfig(read_layers=tuple(int(x) for x in config.data.read_layers), write_layer=c.write_layer,
-                     write_mode=c.write_mode, projection=c.projection, norm_match=c.norm_match,
-                     mlp_hidden=c.mlp_hidden, lora=lora, ablate=c.ablate)
+    """LitConfig of a config's `lit` section and `data.read_layers` (strict: see lit_jax/settings.py)."""
+    return lit_from_section(config.lit, config.data.read_layers)
 
 
 def train_config(config: ConfigDict) -> TrainConfig:
-    return TrainConfig(**{f: config.train[f] for f in TrainConfig.__dataclass_fields__ if f in config.train},
-                       seed=config.seed)  # train.eval_examples is the job's (which held-out examples), not the loop's
+    """TrainConfig of a config's `train` section and seed (strict: see lit_jax/settings.py)."""
+    return train_from_config(config)
 
 
 def demo_examples(heldout, n: int, source_contains: str) -> list[int]:
@@ -70,8 +69,8 @@ def demo_examples(heldout, n: int, source_contains: str) -> list[int]:
     return ids
 
 
-def run_demo(reader: Reader, heldout, config: ConfigDict) -> list[dict]:
-    ids = demo_examples(heldout, config.demo.num_examples, config.demo.source_contains)
+def run_demo(reader: Reader, heldout, demo: DemoConfig) -> list[dict]:
+    ids = demo_examples(heldout, demo.num_examples, demo.source_contains)
     rows = []
     if not ids:
         return rows
@@ -95,32 +94,36 @@ def print_demo(rows: list[dict]) -> None:
 
 
 def run_lit(config: ConfigDict, workdir: str) -> dict:
-    shd.maybe_initialize_distributed(config.mesh.distributed)
+    # Every section becomes its settings dataclass first: an unknown field fails before any work.
+    lcfg, tcfg = lit_config(config), train_config(config)
+    mesh_cfg = from_section(MeshConfig, config.mesh, "mesh")
+    demo, export = from_section(DemoConfig, config.demo, "demo"), from_section(ExportConfig, config.export, "export")
+    shd.maybe_initialize_distributed(mesh_cfg.distributed)
     os.makedirs(workdir, exist_ok=True)
     cfg, base, tokenizer = load_model(config.model, config.seed)
-    mesh = shd.make_mesh(tuple(config.mesh.shape))
+    mesh = shd.make_mesh(mesh_cfg.shape)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = config.data.batch_size * jax.process_count()
-    if global_batch % (data_parallel * config.train.accum_steps):
+    if global_batch % (data_parallel * tcfg.accum_steps):
         raise ValueError(
             f"global batch {global_batch} (data.batch_size x processes) must divide by the data-parallel mesh size "
-            f"{data_parallel} x train.accum_steps {config.train.accum_steps}; change data.batch_size or mesh.shape"
+            f"{data_parallel} x train.accum_steps {tcfg.accum_steps}; change data.batch_size or mesh.shape"
         )
-    base = shd.put_consuming(base, shd.tree_shardings(llama.param_axes(cfg), base, mesh))
-    lcfg = lit_config(config)
+    base = shd.put_consuming(base, shd.tree_shardings(llama.param_axes(cfg), base, mesh, units=llama.param_units(cfg),
+                                                      strict=mesh_cfg.strict))
     logging.info("model %s (%d params), mesh %s, %s", cfg.architecture, llama.num_params(base), dict(mesh.shape),
                  lcfg)
 
     splits = build_splits(config.data, tokenizer)
     train_it = make_batch_iterator(splits["train"], config.data)
     heldout = splits["heldout"]
-    evaluated = heldout.subset(config.train.eval_examples)
+    evaluated = heldout.subset(tcfg.eval_examples)
     print(f"data: {len(splits['train'])} train / {len(heldout)} held-out examples (evaluating on {len(evaluated)}), "
           f"buckets (R, S, T) {list(splits['train'].buckets)}", flush=True)
     meta = {"architecture": cfg.architecture, "lit": repr(lcfg)}
-    state, result = train(cfg=cfg, lcfg=lcfg, tcfg=train_config(config), base=base, mesh=mesh,
-                          train_batches=train_it, heldout_batches=lambda: make_eval_iterator(evaluated, config.data),
-                          workdir=workdir, meta=meta)
+    state, result = train(cfg=cfg, lcfg=lcfg, tcfg=tcfg, base=base, mesh=mesh, train_batches=train_it,
+                          heldout_batches=lambda: make_eval_iterator(evaluated, config.data), workdir=workdir,
+                          meta=meta, strict_sharding=mesh_cfg.strict)
     summary = dict(result)
     first, last = result.get("heldout_first"), result.get("heldout_last")
     if first and last:
@@ -129,18 +132,18 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
               f"{last['loss']:.3f} (step {last['step']}); token accuracy {first['accuracy']:.3f} -> "
               f"{last['accuracy']:.3f}; wall {result['wall_s']:.0f} s", flush=True)
 
-    if config.demo.num_examples and jax.process_index() == 0:
+    if demo.num_examples and jax.process_index() == 0:
         reader = Reader(base, state.params, cfg, lcfg, tokenizer, config.data,
-                        sampling=SamplingConfig(max_new_tokens=config.demo.max_new_tokens))
-        summary["demo"] = run_demo(reader, heldout, config)
+                        sampling=SamplingConfig(max_new_tokens=demo.max_new_tokens))
+        summary["demo"] = run_demo(reader, heldout, demo)
         print_demo(summary["demo"])
 
-    if config.export.hf_dir and jax.process_index() == 0:
-        decoder, lora, _ = decoder_weights(state.params, base, cfg, lcfg)
+    if export.hf_dir and jax.process_index() == 0:
+        decoder, lora = decoder_weights(state.params, base, cfg, lcfg)
         if lora is not None:
-            decoder = merge_lora(base, lora, lcfg.lora, cfg)
-        summary["export"] = export_hf(jax.device_get(decoder), cfg, config.export.hf_dir, tokenizer=tokenizer,
-                                      overwrite=config.export.overwrite)
+            decoder = merge_lora(base, lora.params, lcfg.lora, cfg)
+        summary["export"] = export_hf(jax.device_get(decoder), cfg, export.hf_dir, tokenizer=tokenizer,
+                                      overwrite=export.overwrite)
         print(f"decoder exported to {summary['export']} (projection params stay in the checkpoint)", flush=True)
 
     if jax.process_index() == 0:

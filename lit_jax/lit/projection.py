@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lit_jax.lit.config import LitConfig
-from lit_jax.models.residual import l2_norm
+from lit_jax.lit.residual_stream import l2_norm
 
 
 def init_projection(key: jax.Array, dim: int, lcfg: LitConfig) -> dict:

@@ -6,7 +6,7 @@
 The target runs on each read dialog (no adapters, stopped after the read layer), the
 activations at the read positions are projected and written into the decoder's prompt
 placeholders during prefill, and the answer is generated with the KV cache. One
-compiled function per (batch, read length, prompt length) bucket.
+compiled function per (batch, read length, slot count, prompt length) bucket.
 """
 
 from __future__ import annotations
@@ -18,27 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lit_jax.data import decoder_prompt
-from lit_jax.generate import SamplingConfig, end_token_ids, generate_tokens, pad_batch
+from lit_jax.data import Slots, TokenTree, chains, decoder_prompt
+from lit_jax.generate import SamplingConfig, end_token_ids, generate_tokens
 from lit_jax.lit.config import LitConfig
 from lit_jax.lit.loss import decoder_weights, written_vectors
+from lit_jax.lit.residual_stream import ResidualWrite, write_edit
 from lit_jax.models.config import ModelConfig
-from lit_jax.models.residual import ResidualWrite
-from lit_jax.utils.tracing import count_trace
+from lit_jax.padding import pad_batch, round_up
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "sampling", "eos_ids", "pad_id"))
-def answer_tokens(trainable, base, read: dict, prompt_tokens, prompt_valid, write_positions, rng, *,
+def answer_tokens(trainable, base, read: TokenTree, slots: Slots, prompt_tokens, prompt_valid, rng, *,
                   cfg: ModelConfig, lcfg: LitConfig, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int):
-    """Generated answer tokens [B, N] and lengths [B] for a batch of reads and decoder prompts."""
-    count_trace("answer_tokens")
-    vectors = written_vectors(trainable, base, read, cfg, lcfg)
-    decoder, lora, scale = decoder_weights(trainable, base, cfg, lcfg)
-    return generate_tokens(
-        decoder, prompt_tokens, prompt_valid, rng, cfg=cfg, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
-        write=ResidualWrite(vectors, write_positions, read["slot_mask"]), write_layer=lcfg.write_layer,
-        write_mode=lcfg.write_mode, lora=lora, lora_scale=scale,
-    )
+    """Generated answer tokens int32 [B, N] and lengths [B] for a batch of reads and decoder prompts [B, T]."""
+    vectors = written_vectors(trainable, base, read, slots, cfg, lcfg)
+    decoder, lora = decoder_weights(trainable, base, cfg, lcfg)
+    write = ResidualWrite(vectors, slots.write_positions, slots.mask)
+    return generate_tokens(decoder, prompt_tokens, prompt_valid, rng, cfg=cfg, sampling=sampling, eos_ids=eos_ids,
+                           pad_id=pad_id, lora=lora, prefill_edit=write_edit(write, lcfg.write_layer, lcfg.write_mode))
 
 
 class Reader:
@@ -50,7 +47,11 @@ class Reader:
 
     def ask(self, reads: Sequence[tuple[np.ndarray, np.ndarray]], questions: Sequence[str], *,
             layer: int | None = None, seed: int = 0) -> list[str]:
-        """One answer per (read, question) pair; a read is (read_tokens, read_positions) from tokenize_read."""
+        """One answer per (read, question) pair; a read is (read_tokens, read_positions) from tokenize_read.
+
+        layer: the target layer read (default: the first trained one). Raises ValueError for
+        a layer the decoder was not trained on, mismatched counts, or an empty read span.
+        """
         if len(reads) != len(questions):
             raise ValueError(f"{len(reads)} reads but {len(questions)} questions")
         if not reads:
@@ -59,28 +60,23 @@ class Reader:
         if layer not in self.lcfg.read_layers:
             raise ValueError(f"layer {layer} was not trained; trained read layers: {self.lcfg.read_layers}")
         tokens, valid = pad_batch([r[0] for r in reads], self.pad_id, side="right")
-        slots = max(len(r[1]) for r in reads)
-        slots = -(-slots // 8) * 8  # bucket the slot count too
-        positions = np.zeros((len(reads), slots), np.int32)
-        slot_mask = np.zeros((len(reads), slots), bool)
-        prompts, write_positions = [], np.zeros((len(reads), slots), np.int32)
+        num_slots = round_up(max(len(r[1]) for r in reads), 8)  # bucket the slot count too
+        read_positions = np.zeros((len(reads), num_slots), np.int32)
+        slot_mask = np.zeros((len(reads), num_slots), bool)
+        prompts, write_positions = [], np.zeros((len(reads), num_slots), np.int32)
         for i, ((_, pos), q) in enumerate(zip(reads, questions)):
             if len(pos) == 0:
                 raise ValueError(f"read {i} has an empty read span")
-            positions[i, : len(pos)] = pos
+            read_positions[i, : len(pos)] = pos
             slot_mask[i, : len(pos)] = True
             p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos), layer=layer)
             prompts.append(p.tokens)
             write_positions[i, : len(pos)] = p.write_positions
         prompt_tokens, prompt_valid = pad_batch(prompts, self.pad_id, side="right")
-        read = {
-            "read_tokens": jnp.asarray(tokens), "read_valid": jnp.asarray(valid),
-            "read_positions": jnp.asarray(positions), "slot_mask": jnp.asarray(slot_mask),
-            "read_layer": jnp.full((len(reads),), layer, jnp.int32),
-        }
+        slots = Slots(read_positions, np.full_like(read_positions, layer), write_positions, slot_mask)
         out, lengths = answer_tokens(
-            self.trainable, self.base, read, jnp.asarray(prompt_tokens), jnp.asarray(prompt_valid),
-            jnp.asarray(write_positions), jax.random.key(seed), cfg=self.cfg, lcfg=self.lcfg,
+            self.trainable, self.base, chains(tokens, valid), slots, jnp.asarray(prompt_tokens),
+            jnp.asarray(prompt_valid), jax.random.key(seed), cfg=self.cfg, lcfg=self.lcfg,
             sampling=self.sampling, eos_ids=end_token_ids(self.cfg, self.tokenizer), pad_id=self.pad_id,
         )
         out, lengths = np.asarray(out), np.asarray(lengths)

@@ -20,45 +20,47 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from lit_jax import sharding as shd
+from lit_jax.cpu_tuning import CompiledPerShape
+from lit_jax.data import LitBatch, StepBatches
 from lit_jax.lit.checkpoint import Checkpointer
 from lit_jax.lit.config import LitConfig
-from lit_jax.data.packing import PackedSizes, bucket_key, pack_batch
-from lit_jax.lit.loss import step_keys
 from lit_jax.lit.metrics import MetricsWriter, plot_loss_curve
 from lit_jax.lit.train_state import TrainState, init_state, init_trainable, make_optimizer, trainable_axes
 from lit_jax.lit.train_step import jit_eval_step, jit_train_step
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
-from lit_jax.utils.compiled import CompiledPerShape
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    accum_steps: int = 1
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the start and the end
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 3
+    """How to train; these defaults are the only definition (configs/common.py is built from them)."""
+
+    steps: int = 100  # optimizer steps
+    lr: float = 2e-4  # peak learning rate (AdamW), after `warmup_steps` of linear warmup, then cosine to 10%
+    warmup_steps: int = 10
+    weight_decay: float = 0.0  # on matrices only
+    clip_norm: float = 1.0  # global gradient norm
+    accum_steps: int = 1  # micro-batches per step (gradient accumulation inside the compiled step)
+    seed: int = 0  # trainable-parameter initialisation
+    log_every: int = 10  # steps between host syncs that log train metrics
+    eval_every: int = 0  # 0: held-out evaluation only at the start and the end
+    eval_examples: int = 0  # held-out examples evaluated (evenly spread, fixed); 0: all
+    checkpoint_every: int = 50  # 0: only at the end
+    keep_checkpoints: int = 2
     async_checkpoints: bool = True
-    pack: bool = False  # merge each batch's shared prefixes and drop padding (data/packing.py)
+    pack: bool = True  # merge each batch's shared prefixes and drop padding (data/packing.py)
     pack_multiple: int = 16  # packed lengths are rounded up to this (fewer distinct shapes to compile)
     pack_levels: int = 3  # padded size levels per length bucket (compiled shapes per bucket)
-    presize_batches: int = 64  # look-ahead batches that plan the size levels before the first step
+    presize_batches: int = 64  # look-ahead train batches (and all held-out ones) that plan the levels up front
 
 
 class TrainResult(dict):
     """Summary of a run: first/last held-out metrics, steps, wall time, paths."""
 
 
-def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """The step's fields of a host batch (packed or not), as global arrays sharded over the batch axes."""
-    return shd.host_batch_to_global({k: batch[k] for k in step_keys(batch)}, mesh)
+def device_batch(batch: LitBatch, mesh) -> LitBatch:
+    """A host LitBatch as global arrays sharded over the batch axes."""
+    return shd.host_batch_to_global(batch, mesh)
 
 
 def packed_rows(mesh, accum_steps: int) -> int:
@@ -67,57 +69,14 @@ def packed_rows(mesh, accum_steps: int) -> int:
     return max(1, shards // jax.process_count()) * accum_steps
 
 
-class StepBatches:
-    """Iterator batches as the step takes them: packed into prefix trees when `tcfg.pack`.
-
-    Padded sizes come from `PackedSizes` levels; with several processes a batch's needed
-    sizes are the maximum over processes (one small host all-gather per batch), since
-    every process must feed arrays of the same shape.
-    """
-
-    def __init__(self, tcfg: TrainConfig, mesh):
-        self.tcfg, self.rows = tcfg, packed_rows(mesh, tcfg.accum_steps)
-        self.sizes = PackedSizes(tcfg.pack_multiple, tcfg.pack_levels)
-
-    @staticmethod
-    def _agree(need: dict[str, int]) -> dict[str, int]:
-        if jax.process_count() == 1:
-            return need
-        from jax.experimental import multihost_utils
-
-        names = sorted(need)
-        most = multihost_utils.process_allgather(np.asarray([need[k] for k in names])).max(axis=0)
-        return dict(zip(names, (int(x) for x in most)))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.tcfg.pack:
-            return batch
-        key = bucket_key(batch)
-        return pack_batch(batch, self.rows, sizes=lambda need: self.sizes(key, self._agree(need)))
-
-    def presize(self, batches: Iterable[dict]) -> None:
-        """Plans the size levels from `batches` (a look-ahead), so the run starts with the shapes it will use."""
-        if not self.tcfg.pack:
-            return
-        needs: dict[tuple, list] = {}
-        for batch in batches:
-            key = bucket_key(batch)
-            pack_batch(batch, self.rows, sizes=lambda need: needs.setdefault(key, []).append(self._agree(need))
-                       or self.sizes.rounded(need))
-        for key, seen in needs.items():
-            self.sizes.plan(key, seen)
-
-
-def check_batch(batch: dict[str, np.ndarray], lcfg: LitConfig) -> None:
-    """Host-side check that would otherwise silently read the wrong layer."""
-    layers = batch["slot_layer"][batch["slot_mask"]] if "slot_layer" in batch else \
-        batch["read_layer"][batch["slot_mask"].any(axis=1)]
-    unknown = set(np.unique(layers).tolist()) - set(lcfg.read_layers)
+def check_batch(batch: LitBatch, lcfg: LitConfig) -> None:
+    """Host-side check of what would otherwise silently read the wrong layer: every slot's layer is trained."""
+    unknown = set(np.unique(batch.slots.layer[batch.slots.mask]).tolist()) - set(lcfg.read_layers)
     if unknown:
         raise ValueError(f"batch reads layers {sorted(unknown)} not in lit.read_layers={lcfg.read_layers}")
 
 
-def evaluate(eval_step, params, base, batches: Iterable[dict], mesh, lcfg: LitConfig) -> dict[str, float]:
+def evaluate(eval_step, params, base, batches: Iterable[LitBatch], mesh, lcfg: LitConfig) -> dict[str, float]:
     """Held-out answer loss and token accuracy over every batch (padding rows carry no targets)."""
     sums = None
     for batch in batches:  # summed on device: one host sync at the end, not one per batch
@@ -137,18 +96,24 @@ def train(
     tcfg: TrainConfig,
     base: llama.Params,
     mesh,
-    train_batches: Iterator[dict],
+    train_batches: Iterator[dict],  # collated example rows (data.make_batch_iterator), resumable
     heldout_batches: Callable[[], Iterable[dict]] | None,
     workdir: str,
     meta: dict[str, Any] | None = None,
+    strict_sharding: bool = False,
 ) -> tuple[TrainState, TrainResult]:
-    """Trains (resuming from the latest checkpoint in `workdir/checkpoints` if any)."""
+    """Trains (resuming from the latest checkpoint in `workdir/checkpoints` if any).
+
+    strict_sharding: a trainable dimension the mesh does not divide is an error instead of
+    replicated with a warning (sharding.tree_shardings).
+    """
     t_start = time.time()
     is_main = jax.process_index() == 0
     optimizer = make_optimizer(tcfg.lr, tcfg.warmup_steps, tcfg.steps, weight_decay=tcfg.weight_decay,
                                clip_norm=tcfg.clip_norm)
     params = init_trainable(jax.random.key(tcfg.seed), cfg, lcfg, base)
-    params = jax.device_put(params, shd.tree_shardings(trainable_axes(cfg, lcfg), params, mesh))
+    params = jax.device_put(params, shd.tree_shardings(trainable_axes(cfg, lcfg), params, mesh,
+                                                       units=llama.param_units(cfg), strict=strict_sharding))
     state = init_state(params, optimizer)
     state_sharding = shd.placed_like(state, mesh)
     state = jax.device_put(state, state_sharding)
@@ -157,7 +122,7 @@ def train(
     step_fn = CompiledPerShape(jit_train_step(cfg, lcfg, optimizer, tcfg.accum_steps,
                                               out_shardings=(state_sharding, shd.replicated(mesh))))
     eval_step = CompiledPerShape(jit_eval_step(cfg, lcfg))
-    step_batch = StepBatches(tcfg, mesh)
+    step_batch = StepBatches(tcfg.pack, packed_rows(mesh, tcfg.accum_steps), tcfg.pack_multiple, tcfg.pack_levels)
     writer = MetricsWriter(workdir, enabled=is_main)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints,
                         async_save=tcfg.async_checkpoints)

@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import optax
 
 from lit_jax.lit.config import LitConfig
+from lit_jax.data.batch import LitBatch
 from lit_jax.lit.loss import LossSums, lit_loss_sums
 from lit_jax.lit.train_state import TrainState
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
-from lit_jax.utils.tracing import count_trace
 
 
-def _split_micro(batch: dict, accum_steps: int) -> dict:
+def _split_micro(batch: LitBatch, accum_steps: int) -> LitBatch:
     def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by accum_steps={accum_steps}")
@@ -34,15 +34,13 @@ def _split_micro(batch: dict, accum_steps: int) -> dict:
 def train_step(
     state: TrainState,
     base: llama.Params,
-    batch: dict,
+    batch: LitBatch,
     *,
     cfg: ModelConfig,
     lcfg: LitConfig,
     optimizer: optax.GradientTransformation,
     accum_steps: int = 1,
 ) -> tuple[TrainState, dict]:
-    count_trace("train_step")
-
     def sums_and_grads(micro):
         def f(params):
             sums = lit_loss_sums(params, base, micro, cfg, lcfg)
@@ -75,8 +73,7 @@ def train_step(
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_sums(params: dict, base: llama.Params, batch: dict, *, cfg: ModelConfig, lcfg: LitConfig) -> LossSums:
-    count_trace("eval_step")
+def eval_sums(params: dict, base: llama.Params, batch: LitBatch, *, cfg: ModelConfig, lcfg: LitConfig) -> LossSums:
     return lit_loss_sums(params, base, batch, cfg, lcfg)
 
 

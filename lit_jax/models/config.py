@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from lit_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+
 # HF architecture name -> model_type. Each differs from Llama only in flags of ModelConfig.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -22,6 +24,7 @@ SUPPORTED_ARCHITECTURES = {
 _ARCH_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "gate_up", "matmuls")
+RUN_OPTIONS = ("dtype", "scan_layers", "remat", "attention")  # ModelConfig fields that do not change the weights
 
 
 class UnsupportedModelError(ValueError):
@@ -44,7 +47,8 @@ class ModelConfig:
     """Shape and numerics of a Llama-family decoder, plus how to run it.
 
     The first block of fields is the architecture (from the checkpoint); the last block
-    (`dtype`, `scan_layers`, `remat`) are run-time choices that do not change the weights.
+    (`RUN_OPTIONS`: dtype, scan_layers, remat, attention) are run-time choices that do not
+    change the weights. Their defaults here are the only definition of those defaults.
     """
 
     architecture: str
@@ -71,6 +75,7 @@ class ModelConfig:
     dtype: str = "float32"  # parameter and activation dtype: "float32" | "bfloat16"
     scan_layers: bool = True  # lax.scan over the layer stack (fast compile) vs unrolled (fast run on CPU)
     remat: str = "none"  # activation checkpointing per block: one of REMAT_POLICIES
+    attention: str = "auto"  # models/attention.py: auto (blocked on CPU, fused on GPU/TPU) | blocked | fused | dense
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -84,6 +89,8 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'")
 

@@ -31,15 +31,6 @@ def init_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
     )
 
 
-def cache_axes() -> KVCache:
-    return KVCache(
-        k=("layers", "batch", "seq", "kv_heads", "head_dim"),
-        v=("layers", "batch", "seq", "kv_heads", "head_dim"),
-        filled=("batch", "seq"),
-        positions=("batch", "seq"),
-    )
-
-
 def mark_filled(cache: KVCache, slots: jax.Array, valid: jax.Array, positions: jax.Array) -> KVCache:
     """Records which slots the new tokens [B, T] occupy (padding tokens stay unfilled)."""
     rows = jnp.arange(slots.shape[0])[:, None]

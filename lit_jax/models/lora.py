@@ -11,13 +11,14 @@ and only the rank-r operands are transposed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lit_jax.models.config import ModelConfig
+from lit_jax.models.fused_layout import FusedLayout, layout_of
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -40,8 +41,16 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+class LoraWeights(NamedTuple):
+    """Adapters as the model takes them: params {projection: {"a": [L, r, in], "b": [L, r, out]}}
+    (or one layer's slices), applied as scale * (x @ A^T) @ B."""
+
+    params: dict
+    scale: float
+
+
 def projection_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each adaptable projection."""
+    """(in_features, out_features) of each adaptable projection (HF layout)."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
@@ -100,27 +109,26 @@ def _lora_bwd(res, dy):
 lora_delta.defvjp(_lora_fwd, _lora_bwd)
 
 
-def maybe_lora(x: jax.Array, lora_layer: Any, names: tuple[str, ...], scale: float,
-               place: Callable[[list[tuple[str, jax.Array]]], jax.Array] | None = None) -> jax.Array | None:
-    """The scaled LoRA update of the adapted projections among `names` (all on input x), or None.
+def lora_update(x: jax.Array, lora_layer: Any, scale: float, projections: FusedLayout | str) -> jax.Array | None:
+    """The scaled LoRA update of the adapted projections reading x [..., in], or None if none is adapted.
 
-    Several adapters (q|k|v, gate|up) run as one: their A matrices stacked into [sum r, in],
-    their B matrices placed by `place([(name, scale * B)])` into one [sum r, out] matrix in
-    the fused projection's output layout (zeros elsewhere). The update then is two matmuls
-    and adds to the fused output directly, instead of 2 matmuls, a slice and an add per
-    adapter: these skinny matmuls cost far more per FLOP than the base projections.
+    projections: one projection's name ("o", "down"), or a fused layout (q|k|v, gate|up).
+    Adapters of a fused projection run as one: their A matrices stacked into [sum r, in],
+    their B matrices placed by the layout into one [sum r, width] matrix (zeros in the
+    other members' slots), so the update is two matmuls that add to the fused output
+    directly, instead of two matmuls, a slice and an add per adapter: these skinny
+    matmuls cost far more per FLOP than the base projections.
     """
+    names = projections.names if isinstance(projections, FusedLayout) else (projections,)
     present = [n for n in names if lora_layer is not None and n in lora_layer]
     if not present:
         return None
     a = jnp.concatenate([lora_layer[n]["a"] for n in present]) if len(present) > 1 else lora_layer[present[0]]["a"]
-    bs = [(n, lora_layer[n]["b"] * jnp.asarray(scale, lora_layer[n]["b"].dtype)) for n in present]
-    if place is None:
-        if len(bs) > 1:
-            raise ValueError(f"adapters {present} share an input but no layout to place them in")
-        b = bs[0][1]
+    bs = [lora_layer[n]["b"] * jnp.asarray(scale, lora_layer[n]["b"].dtype) for n in present]
+    if isinstance(projections, FusedLayout):
+        b = jnp.concatenate([projections.place(n, b) for n, b in zip(present, bs)])
     else:
-        b = place(bs)
+        b = bs[0]
     return lora_delta(x, a, b)
 
 
@@ -133,27 +141,14 @@ def merged_delta(lora_layer_stack: dict, name: str, scale: float) -> jax.Array:
 def merge_lora(params: dict, lora: dict, lcfg: LoraConfig, cfg: ModelConfig) -> dict:
     """Base params with the adapters folded in (for export / adapter-free inference).
 
-    Knows the packed layout of llama.py: q/k/v live in `qkv [L, D, Hkv*(G+2)*hd]`,
-    gate/up interleaved in `gate_up [L, D, F*2]`.
+    A fused projection's delta goes into its members' slots (models/fused_layout.py).
     """
-    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    H, G, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     layers = dict(params["layers"])
-
-    def add(name: str, key: str, unflat: tuple, index, shape) -> None:
-        if name not in lora:
-            return
-        w = layers[key]
-        delta = merged_delta(lora, name, lcfg.scale).reshape(shape).astype(w.dtype)
-        layers[key] = w.reshape(unflat).at[index].add(delta).reshape(w.shape)
-
-    full = slice(None)
-    qkv = (L, D, H, G + 2, hd)
-    add("q", "qkv", qkv, (full, full, full, slice(0, G)), (L, D, H, G, hd))
-    add("k", "qkv", qkv, (full, full, full, G), (L, D, H, hd))
-    add("v", "qkv", qkv, (full, full, full, G + 1), (L, D, H, hd))
-    add("o", "o", (L, H * G * hd, D), (full,), (L, H * G * hd, D))
-    add("gate", "gate_up", (L, D, F, 2), (full, full, full, 0), (L, D, F))
-    add("up", "gate_up", (L, D, F, 2), (full, full, full, 1), (L, D, F))
-    add("down", "down", (L, F, D), (full,), (L, F, D))
+    for name in lora:
+        delta = merged_delta(lora, name, lcfg.scale)
+        layout = layout_of(cfg, name)
+        if layout is None:
+            layers[name] = layers[name] + delta.astype(layers[name].dtype)
+        else:
+            layers[layout.param] = layout.add_member(layers[layout.param], name, delta)
     return {**params, "layers": layers}

@@ -1,5 +1,7 @@
 """Records from every source kind, our JSONL format, and the split by label."""
 
+import csv
+import glob
 import json
 import os
 
@@ -8,10 +10,18 @@ import pytest
 from lit_jax.data import LATENTQA_CORPUS, Record, default_data_config, read_jsonl, write_jsonl
 from lit_jax.data.config import CLASSIFICATION, RELATIONS, resolve_data_dir
 from lit_jax.data.errors import BadRecords, DataError
-from lit_jax.data.sources import read_all_sources
-from lit_jax.data.splits import split_by_label
+from lit_jax.data.pipeline import split_by_label
+from lit_jax.data.readers import read_all_sources
 
 DATA = resolve_data_dir(default_data_config())
+
+
+def _load(rel):
+    with open(os.path.join(DATA, rel), encoding="utf-8") as f:
+        return json.load(f)
+
+
+QA = _load("latentqa/eval/qa.json")
 
 
 def _records(sources, **overrides):
@@ -24,14 +34,14 @@ def _records(sources, **overrides):
 
 def test_latentqa_files_join_qa_and_keep_their_dialog_shapes():
     _, fams = _records(LATENTQA_CORPUS)
-    qa = json.load(open(os.path.join(DATA, "latentqa/eval/qa.json")))
     by_file = {recs[0].source: recs for _, recs in fams}
-    raw = {f: json.load(open(os.path.join(DATA, f))) for f in LATENTQA_CORPUS}
+    raw = {f: _load(f) for f in LATENTQA_CORPUS}
+    assert sorted(by_file) == sorted(LATENTQA_CORPUS)
     for f, recs in by_file.items():
-        assert len(recs) == 2 * len(raw[f])  # one record per QA pair, every label has 2
+        assert len(recs) == sum(len(QA[item["label"]]) for item in raw[f])  # one record per QA pair of its label
         r = recs[2]
         item = raw[f][r.index]
-        assert r.label == item["label"] and (r.question, r.answer) in [tuple(p) for p in qa[r.label]]
+        assert r.label == item["label"] and (r.question, r.answer) in [tuple(p) for p in QA[r.label]]
     control, stimulus, system, _, completion = (by_file[f][0] for f in LATENTQA_CORPUS)
     assert control.dialog == (("user", raw[LATENTQA_CORPUS[0]][0]["control_user"]),) and control.read_from_turn == 0
     assert [t[0] for t in stimulus.dialog] == ["user", "assistant", "user"] and stimulus.read_from_turn == 2
@@ -61,13 +71,22 @@ def test_relation_and_classification_tasks():
 
 def test_all_relation_and_classification_files_read():
     _, fams = _records(RELATIONS + CLASSIFICATION)
-    assert len(fams) == 22 + 11 and all(recs for _, recs in fams)
+    expected = {}  # file -> its samples / rows (the data is clean: a bad one would raise)
+    for path in glob.glob(os.path.join(DATA, "relations", "*", "*.json")):
+        expected[os.path.relpath(path, DATA)] = len(_load(path)["samples"])
+    for path in glob.glob(os.path.join(DATA, "classification", "*.csv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            expected[os.path.relpath(path, DATA)] = len(list(csv.DictReader(f)))
+    assert len(expected) > 2 and all(expected.values())
+    assert {recs[0].source: len(recs) for _, recs in fams} == expected
 
 
 def test_max_records_per_source_is_a_seeded_subset_keeping_all_qa_pairs():
     _, fams = _records(("latentqa/eval/system.json",), max_records_per_source=7)
     recs = fams[0][1]
-    assert len({r.index for r in recs}) == 7 and len(recs) == 14
+    raw = _load("latentqa/eval/system.json")
+    kept = {r.index for r in recs}
+    assert len(kept) == 7 and len(recs) == sum(len(QA[raw[i]["label"]]) for i in kept)
     assert [r.index for r in recs] == sorted(r.index for r in recs)
     _, again = _records(("latentqa/eval/system.json",), max_records_per_source=7)
     _, other = _records(("latentqa/eval/system.json",), max_records_per_source=7, split_seed=1)
@@ -104,12 +123,19 @@ def test_split_has_no_label_overlap_is_stable_and_seeded():
 
 
 def test_a_label_is_held_out_in_every_file_it_occurs_in():
-    _, fams = _records(("latentqa/eval/stimulus.json", "latentqa/eval/system.json"))  # the same 567 labels
+    files = ("latentqa/eval/stimulus.json", "latentqa/eval/system.json")
+    _, fams = _records(files)
+    raw = {f: _load(f) for f in files}
+    labels = {item["label"] for f in files for item in raw[f]}
     split = split_by_label(fams, 0.1, seed=0)
     held = {r.label for r in split["heldout"]}
-    assert len(held) == round(0.1 * 567)
-    assert {r.source for r in split["heldout"]} == {"latentqa/eval/stimulus.json", "latentqa/eval/system.json"}
-    assert all(sum(r.label == lab for r in split["heldout"]) == 4 for lab in list(held)[:20])  # 2 files x 2 QA
+    assert len(held) == round(0.1 * len(labels))
+    assert {r.source for r in split["heldout"]} == set(files)
+    for lab in sorted(held)[:20]:  # every record of the label, in both files, once per QA pair
+        where = [f for f in files for item in raw[f] if item["label"] == lab]
+        got = [r for r in split["heldout"] if r.label == lab]
+        assert set(where) == {r.source for r in got} == set(files)
+        assert len(got) == len(where) * len(QA[lab])
 
 
 def test_unknown_source_kinds_fail_clearly(tmp_path):

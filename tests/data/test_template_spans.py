@@ -12,7 +12,7 @@ from lit_jax.data import DecoderFormat, decoder_prompt, resolve_placeholder, tok
 from lit_jax.data.config import LATENTQA_CORPUS, resolve_data_dir
 from lit_jax.data.errors import BadRecords
 from lit_jax.data.examples import tokenize_records
-from lit_jax.data.sources import read_all_sources
+from lit_jax.data.readers import read_all_sources
 from tests.data.conftest import memory_config
 
 CHATML = dict(user="<|im_start|>user\n", assistant="<|im_start|>assistant\n", eot="<|im_end|>", sep="\n")
@@ -67,7 +67,8 @@ def test_latentqa_read_spans_slots_and_loss(request, records, tok_name, t, kind)
     for name, text in turns.items():  # ...and everything before the read turns is masked out
         assert (text in masked) == (int(name[-1]) < r.read_from_turn), name
     if tok_name == "smollm2_tok":
-        assert "You are a helpful AI assistant named SmolLM" in masked or "system0" in turns
+        # the template's default system prompt stands where the dialog brings none (it is masked out)
+        assert ("You are a helpful AI assistant named SmolLM" in masked) == ("system0" not in turns)
     # slots == activations, placeholders only at the write positions
     s = len(ex["read_positions"])
     assert len(ex["write_positions"]) == s and s > 0

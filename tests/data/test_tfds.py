@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lit_jax.data import BATCH_FIELDS, build_splits, describe_example, make_batch_iterator
+from lit_jax.data import BATCH_FIELDS, build_splits, make_batch_iterator
 from lit_jax.data.config import LATENTQA_CORPUS
 from tests.data.conftest import memory_config
 
@@ -36,7 +36,7 @@ def test_tfds_store_holds_exactly_the_prepared_examples(small):
             assert int(y["example_id"]) == i
             for k in ("read_tokens", "read_positions", "decoder_tokens", "write_positions", "loss_mask"):
                 assert np.array_equal(x[k], y[k]) and x[k].dtype == y[k].dtype, k
-        assert describe_example(b, 1) == describe_example(a, 1)
+        assert b.describe(1) == a.describe(1)
         it_a = make_batch_iterator(a, cfg, seed=2, process_index=0, process_count=1)
         it_b = make_batch_iterator(b, cfg, seed=2, process_index=0, process_count=1)
         for x, y in itertools.islice(zip(it_a, it_b), 10):
