@@ -148,8 +148,9 @@ def part_jax(path: str, steps: int, remat: str, pack: bool = True) -> dict:
     from lit_jax.lit.train_step import jit_train_step
     from lit_jax.models.lora import LoraConfig
 
+    rows = load_batches(path)
     t = time.perf_counter()
-    batches = [(pack_batch if pack else plain_batch)(b) for b in load_batches(path)]  # LitBatch, on the host
+    batches = [(pack_batch if pack else plain_batch)(b) for b in rows]  # LitBatch, on the host
     pack_ms = 1e3 * (time.perf_counter() - t) / len(batches)
     cfg, base = load_params("smollm2", scan_layers=True, remat=remat)
     base = shd.put_consuming(base)
