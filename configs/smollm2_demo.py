@@ -5,8 +5,8 @@ Trains on the LatentQA train split (labels held out by seed), evaluates held-out
 loss before and after on a fixed sample of held-out examples, then answers questions
 about held-out system prompts. remat="matmuls" keeps, per block, only the matmul outputs the
 backward needs (q|k|v, attention, gate and up, LoRA's x @ A) and the residual between the
-two halves, and recomputes the elementwise rest: benchmarks/train_step.py measured peak
-RSS 1.32-1.35 GB against 1.70-1.73 GB without remat, at about the same step time (README).
+two halves, and recomputes the elementwise rest: less peak memory at about the same step
+time (README, benchmarks/train_step.py).
 """
 
 from configs.common import lit_config

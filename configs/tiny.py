@@ -1,4 +1,4 @@
-"""A random 4-layer model over SmolLM2's tokenizer: the whole LIT job in seconds (tests, dry runs)."""
+"""A random 4-layer model over SmolLM2's tokenizer: the whole LIT job in about 2 minutes, mostly compiles (tests, dry runs)."""
 
 from configs.common import lit_config
 

@@ -18,4 +18,4 @@ tpu=$1 zone=$2
 shift 2
 args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
-  "cd ~/lit_jax && . .venv/bin/activate && python -m lit_jax.main --config.mesh.distributed=True${args}"
+  "cd ~/lit_jax && . .venv/bin/activate && python -m lit_jax.main${args} --config.mesh.distributed=True"

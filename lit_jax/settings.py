@@ -3,7 +3,7 @@
 Each section of a LIT config (`configs/common.py`) is the ConfigDict of a dataclass's
 defaults (`section`), and the job turns it back into that dataclass strictly
 (`from_section`): a field of the config that no dataclass declares is an error naming
-it, never silently dropped. So `lit_jax.lit.train.train(TrainConfig(...))` from Python
+it, never silently dropped. So `lit_jax.lit.train.train(tcfg=TrainConfig(...), ...)` from Python
 and `python -m lit_jax.main` train with the same defaults.
 
   model   source/tokenizer/random (this module) + ModelConfig's run options (models/config.py)

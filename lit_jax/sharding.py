@@ -114,11 +114,10 @@ def logical_to_spec(
     if replicated:
         parts = [f"logical axis {names[i]!r} of size {shape[i]} (unit {units.get(names[i], 1)}) over mesh axes "
                  f"{_flat(refused[i])} of size {_mesh_size(mesh, refused[i])}" for i in replicated]
-        message = (f"{name or 'array'} {shape}: " + "; ".join(parts)
-                   + " does not split into whole units; replicated instead")
+        message = f"{name or 'array'} {shape}: " + "; ".join(parts) + " does not split into whole units"
         if strict:
-            raise ValueError(message)
-        logging.warning(message)
+            raise ValueError(message + " (strict sharding: replicating it is refused)")
+        logging.warning(message + "; replicated instead")
     return PartitionSpec(*spec)
 
 

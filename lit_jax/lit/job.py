@@ -1,6 +1,7 @@
 """The `lit` job of the command line: load the model, build the data, train, evaluate, demonstrate, export.
 
-Everything is driven by the config (see configs/smollm2_demo.py for every field).
+Everything is driven by the config: configs/common.py builds every section from the settings
+dataclasses of lit_jax/settings.py, where each field is documented.
 """
 
 from __future__ import annotations
