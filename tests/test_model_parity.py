@@ -73,15 +73,18 @@ def test_config_fields_follow_architecture(tiny_checkpoint):
     assert load_hf_config(tiny_checkpoint("llama3")[0]).rope_scaling.kind == "llama3"
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("arch", ["llama3", "mistral"])
-def test_attention_implementations_give_the_same_model(tiny_checkpoint, arch):
+def test_attention_implementations_give_the_same_model(tiny_checkpoint, arch, side):
     """blocked (CPU), fused (GPU/TPU call, run here with XLA's implementation) and dense: same logits
-    and gradients on right-padded rows (mistral: with its sliding window)."""
+    and gradients on padded rows (mistral: with its sliding window; left padding: fused falls back
+    to the mask, its kernels take lengths)."""
     path, _ = tiny_checkpoint(arch)
     cfg, params = load_params(path)
     params = jax.device_put(params)
     lengths = np.array([T, T - 7, 5])
-    valid = jnp.asarray(np.arange(T)[None] < lengths[:, None])
+    idx = np.arange(T)[None]
+    valid = jnp.asarray(idx < lengths[:, None] if side == "right" else idx >= T - lengths[:, None])
     tokens = jnp.asarray(np.where(valid, _inputs(2), 0))
 
     def run(impl):

@@ -125,7 +125,8 @@ class AttentionContext(NamedTuple):
     cos: jax.Array  # [B, T, hd] rotary tables
     sin: jax.Array  # [B, T, hd]
     mask: jax.Array  # [B, T, S] bool: query t may attend key slot s
-    lengths: jax.Array | None  # [B] real tokens per row, for plain right-padded rows (fused causal kernels)
+    lengths: jax.Array | None  # [B] real tokens per row of plain chains (fused causal kernels), else None
+    right_padded: jax.Array | None  # bool scalar: every chain is right-padded (what those kernels assume)
     slots: jax.Array | None  # [B, T] cache slots of the new tokens (None without a cache)
     implementation: str  # attention implementation for self-attention without a cache (models/attention.py)
 
@@ -177,7 +178,7 @@ def attention_context(
 
     valid [B, T] bool: False on padding. positions [B, T]: rotary positions (default
     `default_positions(valid)`; tree depths for packed rows). subtree_end [B, T]: packed
-    prefix trees (None: every row one causal chain, right-padded). cache, slots: a KV
+    prefix trees (None: every row one causal chain). cache, slots: a KV
     cache and the slots [B, T] the tokens occupy (generation). Raises ValueError for a
     cache without slots, or trees with a cache.
     """
@@ -188,24 +189,31 @@ def attention_context(
     if cache is None:
         q_slots = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
         mask = attention_mask(cfg, q_slots, positions, valid, positions, subtree_end)
-        lengths = None if subtree_end is not None else jnp.sum(valid, axis=1)
-        return AttentionContext(cos, sin, mask, lengths, None, attn_impl.resolve_implementation(cfg.attention)), None
+        lengths = right_padded = None
+        if subtree_end is None:
+            lengths = jnp.sum(valid, axis=1)
+            right_padded = jnp.all(valid == (jnp.arange(T)[None] < lengths[:, None]))
+        impl = attn_impl.resolve_implementation(cfg.attention)
+        return AttentionContext(cos, sin, mask, lengths, right_padded, None, impl), None
     if slots is None:
         raise ValueError("a forward with a cache needs `slots`")
     if subtree_end is not None:
         raise ValueError("packed trees (subtree_end) are for training and scoring, not for a KV cache")
     cache = kvc.mark_filled(cache, slots, valid, positions)
     mask = attention_mask(cfg, slots, positions, cache.filled, cache.positions)
-    return AttentionContext(cos, sin, mask, None, slots, "dense"), cache
+    return AttentionContext(cos, sin, mask, None, None, slots, "dense"), cache
 
 
 def _self_attention(q, k, v, ctx: AttentionContext, cfg: ModelConfig) -> jax.Array:
     if ctx.implementation == "blocked":
         return attn_impl.blocked_attention(q, k, v, ctx.mask)
+    dense = lambda q, k, v: attn_impl.dense_attention(q, k, v, ctx.mask)  # noqa: E731
     if ctx.implementation == "fused" and ctx.lengths is not None:
-        return attn_impl.fused_causal_attention(q, k, v, ctx.lengths, cfg.sliding_window,
-                                                attn_impl.fused_implementation(q.dtype))
-    return attn_impl.dense_attention(q, k, v, ctx.mask)  # dense, and fused over packed trees (arbitrary mask)
+        fused = lambda q, k, v: attn_impl.fused_causal_attention(  # noqa: E731
+            q, k, v, ctx.lengths, cfg.sliding_window, attn_impl.fused_implementation(q.dtype))
+        # the fused kernels take lengths, so they need right padding; other rows take the mask
+        return jax.lax.cond(ctx.right_padded, fused, dense, q, k, v)
+    return dense(q, k, v)  # dense, and fused over packed trees (arbitrary mask)
 
 
 def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
