@@ -11,6 +11,8 @@ reading writes activations into the decoder's prompt that way).
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -24,20 +26,56 @@ from lit_jax.models.lora import LoraWeights
 from lit_jax.padding import pad_batch
 
 
-class SamplingConfig(NamedTuple):
-    """temperature 0 is greedy; top_k 0 keeps the whole vocabulary."""
-
+class _SamplingFields(NamedTuple):
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
 
 
+class SamplingConfig(_SamplingFields):
+    """How to pick each new token. A hashable tuple (a static argument of `generate_jit`).
+
+    max_new_tokens: int >= 1. temperature: finite float >= 0; 0 is greedy (argmax).
+    top_k: int >= 0; 0 keeps the whole vocabulary, and a top_k at or above the vocabulary
+    size keeps it too (clamped in `_sample`, as transformers does). Anything else raises
+    ValueError naming the field, here rather than deep inside the jitted function.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0):
+        def integer(name, v, least):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"SamplingConfig.{name}={v!r}: expected an integer >= {least}")
+            if v < least:
+                raise ValueError(f"SamplingConfig.{name}={v!r}: must be >= {least}"
+                                 + (" (0 keeps the whole vocabulary)" if name == "top_k" else ""))
+            return int(v)
+
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise ValueError(f"SamplingConfig.temperature={temperature!r}: expected a number >= 0")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature={temperature!r}: must be finite and >= 0 (0 is greedy)")
+        return super().__new__(cls, integer("max_new_tokens", max_new_tokens, 1), float(temperature),
+                               integer("top_k", top_k, 0))
+
+    def _replace(self, **changes: Any) -> "SamplingConfig":
+        """Like NamedTuple._replace, but the result is validated too."""
+        return type(self)(**{**self._asdict(), **changes})
+
+
 def _sample(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Next token per row of logits float [B, V] -> int32 [B].
+
+    Greedy at temperature 0; otherwise softmax sampling at `temperature`, restricted to the
+    `top_k` largest logits when 0 < top_k < V (top_k >= V keeps every token, as in transformers).
+    """
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+    top_k = min(sampling.top_k, logits.shape[-1])
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
@@ -99,13 +137,28 @@ def generate_tokens(
 generate_jit = jax.jit(generate_tokens, static_argnames=("cfg", "sampling", "eos_ids", "pad_id"))
 
 
-def end_token_ids(cfg: ModelConfig, tokenizer: Any = None) -> tuple[int, ...]:
-    """The config's end tokens plus the tokenizer's eos (ChatML's <|im_end|> etc.)."""
-    ids = set(cfg.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+def end_token_ids(cfg: ModelConfig, tokenizer: Any = None, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    """Every token id that ends generation, from every source that defines one.
+
+    The union of: the config's eos_token_ids (config.json's and generation_config.json's
+    `eos_token_id`, merged at load time by lit_jax.hf.load_params), the tokenizer's eos token,
+    the chat template's end-of-turn token (e.g. <|im_end|> where eos is <|endoftext|>; see
+    lit_jax.data.decoder.template_end_of_turn_id), and `extra` (e.g. a decoder format's
+    end-of-turn id). Raises ValueError when no source defines any.
+    """
+    from lit_jax.data.decoder import template_end_of_turn_id  # lazy: lit_jax.data is heavy to import
+
+    ids = set(int(i) for i in cfg.eos_token_ids)
+    ids.update(int(i) for i in extra)
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        eot = template_end_of_turn_id(tokenizer)
+        if eot is not None:
+            ids.add(eot)
     if not ids:
-        raise ValueError("no end-of-sequence token known: set eos_token_ids in the config")
+        raise ValueError("no end-of-sequence token known: set eos_token_ids in the config, or pass a tokenizer "
+                         "with an eos token or a chat template")
     return tuple(sorted(ids))
 
 
@@ -122,7 +175,9 @@ def generate(
 ) -> list[list[int]]:
     """Token-id lists in, generated token-id lists out (each ending at its end token, if any).
 
-    One compilation per (batch, padded prompt length, sampling) shape.
+    Generation stops at any of `end_token_ids(cfg, tokenizer)` (config, generation_config,
+    tokenizer eos, chat template end-of-turn). One compilation per (batch, padded prompt
+    length, sampling) shape. Raises ValueError when no end token is known.
     """
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     tokens, valid = pad_batch(prompts, pad_id, padding_side)
@@ -135,7 +190,11 @@ def generate(
 
 
 def chat(params, cfg: ModelConfig, tokenizer: Any, questions: Sequence[str], **kwargs: Any) -> list[str]:
-    """Answers each user message with the tokenizer's chat template; returns the decoded replies."""
+    """Answers each user message with the tokenizer's chat template; returns the decoded replies.
+
+    Each reply stops at the template's end-of-turn token as well as at every other end token
+    (see `end_token_ids`). Raises ValueError when no end token is known.
+    """
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                       return_dict=False)

@@ -103,6 +103,34 @@ def template_parts(tokenizer: Any, messages: list[dict[str, str]], generation_pr
     return parts
 
 
+def _first_special(ids: np.ndarray, specials: frozenset) -> int | None:
+    """Index in `ids` of the first special token (the end-of-turn marker), None if there is none."""
+    hits = [i for i, t in enumerate(ids.tolist()) if t in specials]
+    return hits[0] if hits else None
+
+
+def template_end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token id the chat template writes to end an assistant turn (<|im_end|>, <|eot_id|>, </s>, ...).
+
+    Probed as DecoderFormat does: the first special token after an assistant message's content
+    in a rendered [user, assistant] dialog. None when the tokenizer has no chat template, the
+    template refuses the probe dialog, or no special token follows the assistant content.
+    Raises nothing.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    msgs = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _SENT[ANSWER]}]
+    try:
+        pieces = _SPLIT.split(render(tokenizer, msgs, False))
+    except TemplateError:
+        return None
+    if len(pieces) != 3:  # the template dropped or repeated the assistant content
+        return None
+    after = encode(tokenizer, pieces[2])
+    at = _first_special(after, special_ids(tokenizer))
+    return None if at is None else int(after[at])
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderFormat:
     """Assembles decoder sequences for one tokenizer, prompt style and placeholder."""
@@ -177,9 +205,7 @@ class DecoderFormat:
 
     def _end_of_turn(self, ids: np.ndarray) -> int | None:
         """Index in `ids` of the first special token (the end-of-turn marker)."""
-        specials = self.specials or special_ids(self.tokenizer)
-        hits = [i for i, t in enumerate(ids.tolist()) if t in specials]
-        return hits[0] if hits else None
+        return _first_special(ids, self.specials or special_ids(self.tokenizer))
 
     @property
     def end_of_turn_id(self) -> int:

@@ -125,7 +125,7 @@ def load_json(path: str, display: str | None = None) -> Any:
     display = display or path
     if not os.path.isfile(path):
         raise DataError(f"{display}: file not found")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped
         text = f.read()
     if not text.strip():
         raise DataError(f"{display}: empty file (no records)")
@@ -291,7 +291,9 @@ def read_classification(path: str, bad: BadRecords, display: str | None = None) 
     name = os.path.splitext(os.path.basename(path))[0]
     if not os.path.isfile(path):
         raise DataError(f"{display}: file not found")
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig drops a byte-order mark (spreadsheet programs write one; it would otherwise be
+    # part of the first column's name); newline="" lets csv handle CRLF and quoted newlines.
+    with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise DataError(f"{display}: empty file (no records)")
@@ -301,7 +303,8 @@ def read_classification(path: str, bad: BadRecords, display: str | None = None) 
         raise DataError(f"{display}: no task spec for this file and no columns {missing}; known files: {sorted(TASKS)}")
     records = []
     for index, row in enumerate(rows):
-        text, value = (row.get(task.text_column) or "").strip(), (row.get(task.class_column) or "").strip()
+        # A quoted multi-line cell keeps the file's line ending: CRLF files read like LF ones.
+        text, value = ((row.get(c) or "").replace("\r\n", "\n").strip() for c in (task.text_column, task.class_column))
         if not text:
             bad.report(display, index, f"empty {task.text_column!r}")
             continue

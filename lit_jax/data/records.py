@@ -167,7 +167,8 @@ def read_jsonl(path: str, bad: BadRecords, display: str | None = None) -> list[R
 def _lines(path: str, display: str) -> Iterator[tuple[int, str]]:
     if not os.path.isfile(path):
         raise DataError(f"{display}: file not found")
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig drops a byte-order mark; universal newlines make CRLF files read like LF ones.
+    with open(path, encoding="utf-8-sig") as f:
         lines = [(i, line) for i, line in enumerate(f) if line.strip()]
     if not lines:
         raise DataError(f"{display}: empty file (no records)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ from lit_jax.hf.tokenizer import load_tokenizer, tokenizer_from_gguf
 from lit_jax.models.config import ModelConfig
 
 __all__ = [
-    "CheckpointError", "Pretrained", "export_hf", "load_gguf", "load_params", "load_pretrained",
+    "CheckpointError", "Pretrained", "export_hf", "generation_eos_ids", "load_gguf", "load_params", "load_pretrained",
     "load_safetensors_dir", "load_tokenizer", "smollm2_gguf_path",
 ]
 
@@ -27,20 +28,63 @@ class Pretrained(NamedTuple):
     tokenizer: Any
 
 
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def generation_eos_ids(model_dir: str) -> tuple[int, ...]:
+    """`eos_token_id` (an int or a list) of an HF directory's generation_config.json; () without one.
+
+    Raises CheckpointError for a file that is not JSON or whose eos_token_id is not an int or
+    a list of ints.
+    """
+    path = os.path.join(model_dir, GENERATION_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return ()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid generation config ({e})") from None
+    if eos is None:
+        return ()
+    values = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise CheckpointError(f"{path}: eos_token_id={eos!r}; expected an int or a list of ints")
+    return tuple(values)
+
+
+def with_generation_config(cfg: ModelConfig, model_dir: str) -> ModelConfig:
+    """cfg whose eos_token_ids also hold generation_config.json's stop ids (config.json's come first).
+
+    Raises CheckpointError as generation_eos_ids does.
+    """
+    extra = [i for i in generation_eos_ids(model_dir) if i not in cfg.eos_token_ids]
+    return cfg.replace(eos_token_ids=tuple(cfg.eos_token_ids) + tuple(extra)) if extra else cfg
+
+
 def load_params(source: str, **run_options: Any) -> tuple[ModelConfig, dict]:
-    """(cfg, numpy params) from a GGUF file, an HF directory, or the alias 'smollm2'."""
+    """(cfg, numpy params) from a GGUF file, an HF directory, or the alias 'smollm2'.
+
+    For an HF directory, cfg.eos_token_ids is the union of config.json's and
+    generation_config.json's `eos_token_id` (generation stops at any of them).
+    Raises FileNotFoundError for a missing path, CheckpointError / UnsupportedModelError for
+    a checkpoint that cannot be loaded.
+    """
     path = resolve_model_path(source)
     if path.endswith(".gguf"):
         return load_gguf(path, **run_options)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist (expected an HF directory or a .gguf file)")
-    return load_safetensors_dir(path, **run_options)
+    cfg, params = load_safetensors_dir(path, **run_options)
+    return with_generation_config(cfg, path), params
 
 
 def load_pretrained(source: str, shardings: Any = None, **run_options: Any) -> Pretrained:
     """Config, params (jax arrays, placed by `shardings` if given) and tokenizer of a model.
 
     run_options are ModelConfig run-time fields: dtype="bfloat16", scan_layers=True, remat=...
+    Stop ids: see load_params (generation_config.json is merged into cfg.eos_token_ids).
+    Raises as load_params and load_tokenizer do.
     """
     path = resolve_model_path(source)
     if path.endswith(".gguf"):

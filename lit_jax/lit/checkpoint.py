@@ -8,6 +8,8 @@ builds, and a mismatch is refused with a message naming the array and both shape
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
@@ -15,8 +17,90 @@ import jax
 import orbax.checkpoint as ocp
 
 
+META_VERSION = 1
+# ModelConfig fields that do not change what the weights mean (run-time choices, special token ids).
+_MODEL_FIELDS_IGNORED = ("dtype", "scan_layers", "remat", "attention", "bos_token_id", "eos_token_ids",
+                         "pad_token_id")
+ALLOWED_CHANGES = ("train steps, learning-rate schedule, eval/log/checkpoint cadence, "
+                   "run-time model options (dtype, scan_layers, remat, attention), sampling, demo, export")
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint in the work dir was written for a different configuration."""
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values (tuples become lists), as a checkpoint's JSON meta round-trips them."""
+    return json.loads(json.dumps(x))
+
+
+def config_meta(cfg: Any, lcfg: Any, data: dict | None = None) -> dict:
+    """Everything that changes what a run's saved parameters mean, as JSON, for the checkpoint meta.
+
+    model: the architecture and shape fields of the ModelConfig (not its run-time options or
+    special token ids); lit: the whole LitConfig (read/write layers, write mode, projection,
+    norm matching, MLP width, LoRA rank/alpha/targets or null for a full fine-tune, ablation);
+    data: what the caller adds about the decoder prompt (prompt style, placeholder, ...).
+    """
+    model = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _MODEL_FIELDS_IGNORED}
+    model = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in model.items()}
+    return _jsonable({"version": META_VERSION, "model": model, "lit": dataclasses.asdict(lcfg), "data": data or {}})
+
+
+_MISSING = "<not recorded>"
+
+
+def _lit_repr(lit: dict) -> str:
+    """repr of the LitConfig a config_meta's "lit" section describes (legacy metas saved that)."""
+    from lit_jax.lit.config import LitConfig
+    from lit_jax.models.lora import LoraConfig
+
+    values = {**lit, "read_layers": tuple(lit["read_layers"])}
+    if lit.get("lora") is not None:
+        values["lora"] = LoraConfig(**{**lit["lora"], "targets": tuple(lit["lora"]["targets"])})
+    return repr(LitConfig(**values))
+
+
+def _diff(saved: Any, current: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(saved) | set(current)):
+            out += _diff(saved.get(k, _MISSING), current.get(k, _MISSING), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if saved == current else [(prefix, saved, current)]
+
+
+def check_config_meta(saved_meta: dict | None, current: dict, where: str) -> None:
+    """Refuses a checkpoint whose saved config meta (see config_meta) differs from `current`.
+
+    Raises CheckpointMismatchError naming each differing field with its saved and current
+    values (e.g. `lit.lora.alpha: saved 8.0, current 4.0`). A checkpoint saved before the
+    structured meta existed is compared by its LitConfig repr and architecture; one with no
+    meta at all cannot be compared and is accepted (its parameter shapes are still checked).
+    Fields `current` does not describe are not compared; fields only `current` has are refused
+    (the checkpoint cannot show it was trained so).
+    """
+    saved_meta = saved_meta or {}
+    saved = saved_meta.get("config")
+    if saved is None:  # saved before the structured meta: {"architecture": str, "lit": repr(LitConfig)}
+        if "lit" not in saved_meta:
+            return
+        diffs = []
+        if saved_meta.get("architecture") not in (None, current["model"]["architecture"]):
+            diffs.append(("model.architecture", saved_meta["architecture"], current["model"]["architecture"]))
+        current_repr = _lit_repr(current["lit"])
+        if saved_meta["lit"] != current_repr:
+            diffs.append(("lit", saved_meta["lit"], current_repr))
+    else:
+        # a field the current run does not describe (e.g. no data section from the train() API) is not compared
+        diffs = [d for d in _diff(saved, _jsonable(current), "") if d[0] != "version" and d[2] != _MISSING]
+    if diffs:
+        lines = "\n".join(f"  {name}: saved {s!r}, current {c!r}" for name, s, c in diffs)
+        raise CheckpointMismatchError(
+            f"checkpoint {where} was trained with a different configuration; these fields change what its "
+            f"parameters mean:\n{lines}\nUse a fresh --workdir, or the configuration it was trained with "
+            f"(what may change on resume: {ALLOWED_CHANGES})."
+        )
 
 
 def _abstract(tree: Any) -> Any:
@@ -86,9 +170,28 @@ class Checkpointer:
                     "(use a fresh --workdir or the config it was trained with)"
                 )
 
-    def restore(self, step: int, like_state) -> tuple[Any, dict, dict]:
-        """(state, data_state, meta) at `step`, placed like `like_state` (same shardings)."""
-        self._check_shapes(step, like_state.params)
+    def read_meta(self, step: int) -> dict:
+        """The JSON meta saved with `step` ({} if none was saved)."""
+        out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
+
+    def restore(self, step: int, like_state, expected_config: dict | None = None) -> tuple[Any, dict, dict]:
+        """(state, data_state, meta) at `step`, placed like `like_state` (same shardings).
+
+        expected_config: the current run's config_meta; the saved one must match it (compared
+        before anything is read). Raises CheckpointMismatchError naming the differing config
+        fields and/or the first parameter whose saved shape differs from `like_state`'s.
+        """
+        errors = []
+        for check in ((lambda: check_config_meta(self.read_meta(step), expected_config, f"{self.directory}/{step}"))
+                      if expected_config is not None else None,
+                      lambda: self._check_shapes(step, like_state.params)):
+            try:
+                check and check()
+            except CheckpointMismatchError as e:
+                errors.append(str(e))
+        if errors:  # both: the config fields say why, the shapes say what no longer fits
+            raise CheckpointMismatchError("\n".join(errors))
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(_as_tree(like_state))),
             data=ocp.args.JsonRestore(),

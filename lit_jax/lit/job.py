@@ -16,10 +16,11 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from lit_jax import sharding as shd
-from lit_jax.data import build_splits, make_batch_iterator, make_eval_iterator
+from lit_jax.data import build_splits, make_batch_iterator, make_eval_iterator, resolve_placeholder
 from lit_jax.generate import SamplingConfig
 from lit_jax.hf import export_hf, load_params, load_tokenizer
 from lit_jax.hf.smollm2 import resolve_model_path
+from lit_jax.lit.checkpoint import config_meta
 from lit_jax.lit.config import LitConfig
 from lit_jax.lit.loss import decoder_weights
 from lit_jax.lit.read import Reader
@@ -55,6 +56,24 @@ def lit_config(config: ConfigDict) -> LitConfig:
 def train_config(config: ConfigDict) -> TrainConfig:
     """TrainConfig of a config's `train` section and seed (strict: see lit_jax/settings.py)."""
     return train_from_config(config)
+
+
+def data_meta(data: ConfigDict, tokenizer: Any) -> dict:
+    """The data settings that change what a trained decoder means: the decoder prompt it was
+    trained with (style, the resolved placeholder token, the latentqa style's acknowledgement turn).
+    Raises ValueError for a placeholder that is not one token."""
+    placeholder, placeholder_id = resolve_placeholder(tokenizer, data.placeholder_token)
+    meta = {"prompt_style": data.prompt_style, "placeholder": placeholder, "placeholder_id": placeholder_id}
+    if data.prompt_style == "latentqa":  # the oracle style has no acknowledgement turn
+        meta["acknowledgement"] = data.acknowledgement.strip()
+    return meta
+
+
+def run_meta(cfg: ModelConfig, lcfg: LitConfig, data: ConfigDict, tokenizer: Any) -> dict:
+    """The checkpoint meta of a `lit` run: structured (JSON) config compared on resume (lit/checkpoint.py
+    config_meta: model architecture and shape, LitConfig, and data_meta), plus readable summaries."""
+    return {"architecture": cfg.architecture, "lit": repr(lcfg),
+            "config": config_meta(cfg, lcfg, data=data_meta(data, tokenizer))}
 
 
 def demo_examples(heldout, n: int, source_contains: str) -> list[int]:
@@ -121,7 +140,7 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
     evaluated = heldout.subset(tcfg.eval_examples)
     print(f"data: {len(splits['train'])} train / {len(heldout)} held-out examples (evaluating on {len(evaluated)}), "
           f"buckets (R, S, T) {list(splits['train'].buckets)}", flush=True)
-    meta = {"architecture": cfg.architecture, "lit": repr(lcfg)}
+    meta = run_meta(cfg, lcfg, config.data, tokenizer)
     state, result = train(cfg=cfg, lcfg=lcfg, tcfg=tcfg, base=base, mesh=mesh, train_batches=train_it,
                           heldout_batches=lambda: make_eval_iterator(evaluated, config.data), workdir=workdir,
                           meta=meta, strict_sharding=mesh_cfg.strict)

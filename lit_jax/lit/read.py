@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lit_jax.data import Slots, TokenTree, chains, decoder_prompt
+from lit_jax.data import DecoderFormat, Slots, TokenTree, chains, decoder_prompt
 from lit_jax.generate import SamplingConfig, end_token_ids, generate_tokens
 from lit_jax.lit.config import LitConfig
 from lit_jax.lit.loss import decoder_weights, written_vectors
@@ -44,13 +44,32 @@ class Reader:
         self.base, self.trainable, self.cfg, self.lcfg = base, trainable, cfg, lcfg
         self.tokenizer, self.data_cfg, self.sampling = tokenizer, data_cfg, sampling
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self._fmt: DecoderFormat | None = None
+        self._eos_ids: tuple[int, ...] | None = None
+
+    @property
+    def decoder_format(self) -> DecoderFormat:
+        """The decoder's prompt format (built on first use). Raises TemplateError for an unusable template."""
+        if self._fmt is None:
+            self._fmt = DecoderFormat.create(self.tokenizer, self.data_cfg)
+        return self._fmt
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Where an answer stops: the decoder format's end-of-turn token (what training taught the
+        decoder to emit) plus every other end token (lit_jax.generate.end_token_ids)."""
+        if self._eos_ids is None:
+            self._eos_ids = end_token_ids(self.cfg, self.tokenizer, extra=(self.decoder_format.end_of_turn_id,))
+        return self._eos_ids
 
     def ask(self, reads: Sequence[tuple[np.ndarray, np.ndarray]], questions: Sequence[str], *,
             layer: int | None = None, seed: int = 0) -> list[str]:
         """One answer per (read, question) pair; a read is (read_tokens, read_positions) from tokenize_read.
 
         layer: the target layer read (default: the first trained one). Raises ValueError for
-        a layer the decoder was not trained on, mismatched counts, or an empty read span.
+        a layer the decoder was not trained on, mismatched counts, or an empty read span;
+        TemplateError when the chat template cannot give a decoder prompt. Each answer stops
+        at its end-of-turn token (see `eos_ids`).
         """
         if len(reads) != len(questions):
             raise ValueError(f"{len(reads)} reads but {len(questions)} questions")
@@ -69,7 +88,8 @@ class Reader:
                 raise ValueError(f"read {i} has an empty read span")
             read_positions[i, : len(pos)] = pos
             slot_mask[i, : len(pos)] = True
-            p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos), layer=layer)
+            p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos), layer=layer,
+                               fmt=self.decoder_format)
             prompts.append(p.tokens)
             write_positions[i, : len(pos)] = p.write_positions
         prompt_tokens, prompt_valid = pad_batch(prompts, self.pad_id, side="right")
@@ -77,7 +97,7 @@ class Reader:
         out, lengths = answer_tokens(
             self.trainable, self.base, chains(tokens, valid), slots, jnp.asarray(prompt_tokens),
             jnp.asarray(prompt_valid), jax.random.key(seed), cfg=self.cfg, lcfg=self.lcfg,
-            sampling=self.sampling, eos_ids=end_token_ids(self.cfg, self.tokenizer), pad_id=self.pad_id,
+            sampling=self.sampling, eos_ids=self.eos_ids, pad_id=self.pad_id,
         )
         out, lengths = np.asarray(out), np.asarray(lengths)
         return [self.tokenizer.decode(out[i, : lengths[i]], skip_special_tokens=True).strip()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lit_jax import sharding as shd
 from lit_jax.cpu_tuning import CompiledPerShape
 from lit_jax.data import LitBatch, StepBatches
-from lit_jax.lit.checkpoint import Checkpointer
+from lit_jax.lit.checkpoint import Checkpointer, config_meta
 from lit_jax.lit.config import LitConfig
 from lit_jax.lit.metrics import MetricsWriter, plot_loss_curve
 from lit_jax.lit.train_state import TrainState, init_state, init_trainable, make_optimizer, trainable_axes
@@ -104,10 +104,18 @@ def train(
 ) -> tuple[TrainState, TrainResult]:
     """Trains (resuming from the latest checkpoint in `workdir/checkpoints` if any).
 
+    meta: saved with every checkpoint. Its "config" is always config_meta(cfg, lcfg, data) (the
+    model architecture and shape, the whole LitConfig) with the caller's meta["config"]["data"]
+    (decoder prompt style, placeholder, ...; see lit/job.py); on resume the saved one must match.
     strict_sharding: a trainable dimension the mesh does not divide is an error instead of
     replicated with a warning (sharding.tree_shardings).
+    Raises CheckpointMismatchError when the latest checkpoint was trained with a different
+    configuration (naming each differing field with its saved and current values) or has
+    parameters of other shapes; ValueError for a batch that reads an untrained layer.
     """
     t_start = time.time()
+    meta = dict(meta or {})
+    meta["config"] = config_meta(cfg, lcfg, data=(meta.get("config") or {}).get("data"))
     is_main = jax.process_index() == 0
     optimizer = make_optimizer(tcfg.lr, tcfg.warmup_steps, tcfg.steps, weight_decay=tcfg.weight_decay,
                                clip_norm=tcfg.clip_norm)
@@ -131,7 +139,7 @@ def train(
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
-        state, data_state, _ = ckpt.restore(latest, state)
+        state, data_state, _ = ckpt.restore(latest, state, expected_config=meta["config"])
         train_batches.set_state(data_state)
         start = int(state.step)
         logging.info("resumed from %s at step %d", ckpt.directory, start)

@@ -103,9 +103,83 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# HF config.json fields that change the computation of a supported architecture, and what
+# `from_hf_dict` does with each (issue 12, fault 4). The rule: a field transformers reads for
+# these architectures is either implemented or refused by name; never ignored. Fields that
+# transformers itself ignores for Llama/Mistral/Qwen2/Qwen3 (Granite's multipliers, Gemma's
+# query_pre_attn_scalar, ...) do not change its logits, so they do not change ours either.
+CHECKED_HF_FIELDS = (
+    ("architectures / model_type", "implemented for Llama, Mistral, Qwen2, Qwen3; others refused"),
+    ("hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads",
+     "implemented"),
+    ("head_dim", "implemented (default hidden_size // num_attention_heads)"),
+    ("hidden_act", "'silu' (alias 'swish') implemented; anything else refused"),
+    ("hidden_activation", "Gemma-style spelling of hidden_act: same rule"),
+    ("mlp_bias", "False implemented; True refused"),
+    ("attention_bias", "implemented (q/k/v/o biases; Qwen2 always has q/k/v biases)"),
+    ("rms_norm_eps", "implemented"),
+    ("tie_word_embeddings", "implemented"),
+    ("rope_theta / rope_parameters.rope_theta", "implemented (v4 and v5 layouts)"),
+    ("rope_scaling / rope_parameters rope_type", "default, llama3, linear implemented; "
+     "yarn, dynamic, longrope, su, ntk and any other type refused; per-layer-type rope_parameters refused"),
+    ("partial_rotary_factor", "1.0 implemented; any other value refused"),
+    ("sliding_window", "implemented for Mistral (every layer); Qwen2/3 only with use_sliding_window"),
+    ("use_sliding_window / max_window_layers", "Qwen2/3: False implemented; True refused"),
+    ("layer_types", "all 'full_attention' implemented (Mistral: all 'sliding_attention' too); "
+     "mixed or other per-layer attention refused"),
+    ("attn_logit_softcapping / final_logit_softcapping", "None implemented; any value refused"),
+    ("quantization_config", "refused (weights would be read without their scales); dequantize first"),
+    ("pretraining_tp", "accepted: transformers' tp>1 path only splits the same matmuls into slices "
+     "and sums them (identical math, differences at rounding level)"),
+    ("attention_dropout", "accepted: dropout is inactive at eval (logits); training here runs without it"),
+    ("max_position_embeddings", "recorded; used only as llama3 rope's context when absent from rope_scaling"),
+    ("bos_token_id / eos_token_id / pad_token_id", "recorded"),
+    ("torch_dtype / dtype", "not the computation: the run's dtype option chooses precision"),
+)
+
+_SILU = ("silu", "swish")
+
+
+def _check_hf_fields(d: Mapping[str, Any], source: str, model_type: str) -> None:
+    """Raises UnsupportedModelError naming the first field of `d` (a parsed config.json) that
+    changes the computation in a way this package does not implement (see CHECKED_HF_FIELDS)."""
+    def refuse(what: str) -> None:
+        raise UnsupportedModelError(f"{source}: {what} is not supported")
+
+    for key in ("hidden_act", "hidden_activation"):
+        act = d.get(key)
+        if act is not None and act not in _SILU:
+            refuse(f"{key}={act!r} (only 'silu' is implemented)")
+    if d.get("mlp_bias"):
+        refuse("mlp_bias=True")
+    prf = d.get("partial_rotary_factor")
+    if prf is None:
+        prf = (d.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if prf is not None and float(prf) != 1.0:
+        refuse(f"partial_rotary_factor={prf!r} (only rotary embeddings over the whole head are implemented)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if d.get(key) is not None:
+            refuse(f"{key}={d[key]!r}")
+    if d.get("quantization_config"):
+        method = (d["quantization_config"] or {}).get("quant_method", "?")
+        refuse(f"quantization_config (quant_method={method!r}; dequantize the checkpoint first)")
+    if model_type != "mistral" and d.get("use_sliding_window"):
+        refuse(f"{model_type} with use_sliding_window=True")
+    layer_types = d.get("layer_types")
+    if layer_types:
+        kinds = set(layer_types)
+        ok = {"full_attention"} | ({"sliding_attention"} if model_type == "mistral" and d.get("sliding_window") else set())
+        if not kinds <= ok or (model_type == "mistral" and len(kinds) > 1):
+            refuse(f"layer_types={sorted(kinds)} (per-layer attention types other than "
+                   f"{sorted(ok)} for every layer)")
+
+
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     """Reads RoPE settings from either transformers v5 (`rope_parameters`) or v4 keys."""
     params = dict(d.get("rope_parameters") or {})
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise UnsupportedModelError(
+            f"per-layer-type rope_parameters {sorted(params)} are not supported (one RoPE for every layer)")
     legacy = d.get("rope_scaling") or {}
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     scaling = {**legacy, **params}
@@ -122,7 +196,8 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
         )
     if kind == "linear":
         return float(theta), RopeScaling(kind="linear", factor=float(scaling["factor"]))
-    raise UnsupportedModelError(f"unsupported rope scaling type {kind!r} (supported: default, llama3, linear)")
+    raise UnsupportedModelError(
+        f"unsupported rope scaling type {kind!r} in rope_scaling (supported: default, llama3, linear)")
 
 
 def _as_tuple(x) -> tuple[int, ...]:
@@ -134,7 +209,13 @@ def _as_tuple(x) -> tuple[int, ...]:
 
 
 def from_hf_dict(d: Mapping[str, Any], source: str = "config.json", **run_options: Any) -> ModelConfig:
-    """Builds a ModelConfig from a parsed HF `config.json`; `source` names it in errors."""
+    """Builds a ModelConfig from a parsed HF `config.json`; `source` names it in errors.
+
+    Raises UnsupportedModelError naming the field for an architecture or any field value that
+    changes the computation and is not implemented (CHECKED_HF_FIELDS), ValueError for a
+    missing required key. The GGUF loader maps its metadata to this dict layout and comes
+    through here too, so both loaders accept and refuse the same models.
+    """
     archs = d.get("architectures") or []
     model_type = d.get("model_type")
     arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(model_type, f"<model_type {model_type!r}>")
@@ -146,15 +227,13 @@ def from_hf_dict(d: Mapping[str, Any], source: str = "config.json", **run_option
     try:
         hidden = int(d["hidden_size"])
         heads = int(d["num_attention_heads"])
-        theta, scaling = _rope_from_hf(d)
+        _check_hf_fields(d, source, model_type)
+        try:
+            theta, scaling = _rope_from_hf(d)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{source}: {e}") from None
         attention_bias = bool(d.get("attention_bias", False))
-        if d.get("mlp_bias"):
-            raise UnsupportedModelError(f"{source}: mlp_bias=True is not supported")
-        sliding = None
-        if model_type == "mistral":
-            sliding = d.get("sliding_window")
-        elif d.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{source}: {arch} with use_sliding_window=True is not supported")
+        sliding = d.get("sliding_window") if model_type == "mistral" else None
         return ModelConfig(
             architecture=arch,
             vocab_size=int(d["vocab_size"]),
