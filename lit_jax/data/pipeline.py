@@ -128,18 +128,32 @@ def prepare_examples(data_cfg: ConfigDict, tokenizer: Any) -> tuple[dict[str, li
     return examples, meta
 
 
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """What decides how a tokenizer renders and splits text: its whole serialized pipeline
+    (vocabulary, merges, normalizer, pre-tokenizer, post-processor) where it has one, the chat
+    template, the special and added tokens, and a probe's ids (for tokenizers without a backend)."""
+    probe = "Hello <|im_start|> world\n\t1234 ?"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return {"vocab": len(tokenizer), "template": tokenizer.chat_template, "special": tokenizer.special_tokens_map,
+            "added": sorted(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()),
+            "backend": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else None,
+            "probe": tokenizer(probe, add_special_tokens=True)["input_ids"], "class": type(tokenizer).__name__}
+
+
 def fingerprint(data_cfg: ConfigDict, tokenizer: Any) -> str:
-    """Hash of everything that changes the examples: settings, tokenizer, data files, pipeline version."""
+    """Hash of everything that changes the examples: settings, tokenizer (tokenizer_fingerprint),
+    the data files' contents, the pipeline version. A prepared store is reused only under the same hash."""
     data_dir = resolve_data_dir(data_cfg)
     settings = {k: v for k, v in data_cfg.to_dict().items() if k not in NOT_CONTENT}
     paths = expand_sources(data_cfg.sources, data_dir) + [os.path.join(data_dir, data_cfg.latentqa_qa)]
-    files = [(os.path.relpath(p, data_dir), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths
-             if os.path.isfile(p)]
-    probe = "Hello <|im_start|> world\n\t1234 ?"
-    tok = {"vocab": len(tokenizer), "template": tokenizer.chat_template, "special": tokenizer.special_tokens_map,
-           "probe": tokenizer(probe, add_special_tokens=True)["input_ids"], "class": type(tokenizer).__name__}
-    blob = json.dumps({"v": PIPELINE_VERSION, "settings": settings, "files": files, "tokenizer": tok},
-                      sort_keys=True, default=str)
+    files = [(os.path.relpath(p, data_dir), _file_digest(p)) for p in paths if os.path.isfile(p)]
+    blob = json.dumps({"v": PIPELINE_VERSION, "settings": settings, "files": files,
+                       "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True, default=str)
     return "cfg_" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -55,3 +55,45 @@ def test_tfds_store_is_reused_and_keyed_by_settings(small, smollm2_tok):
     changed = build_splits(other, smollm2_tok)
     assert changed["train"].data.dataset_info.data_dir != path and len(changed["heldout"]) == 0
     assert list(make_batch_iterator(changed["heldout"], other, process_index=0, process_count=1)) == []
+
+
+def test_fingerprint_covers_the_whole_tokenizer_and_file_contents(smollm2_tok, tmp_path):
+    """A tokenizer that differs only in one BPE merge (probe, vocabulary and template unchanged), and a
+    data file edited in place to the same size and timestamp, each give another key: never stale tokens."""
+    import copy
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from lit_jax.data import fingerprint
+
+    data_dir = tmp_path / "data"
+    for rel in ("latentqa/eval/system.json", "latentqa/eval/qa.json"):
+        os.makedirs(data_dir / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(os.path.join(memory_config().data_dir, rel), data_dir / rel)
+    cfg = memory_config(sources=("latentqa/eval/system.json",), data_dir=str(data_dir))
+    key = fingerprint(cfg, smollm2_tok)
+
+    spec = json.loads(smollm2_tok.backend_tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    probe = "Hello <|im_start|> world\n\t1234 ?"
+    before = smollm2_tok(probe)["input_ids"]
+    for i in range(len(merges) - 1, 0, -1):  # drop a merge the probe does not use
+        spec["model"]["merges"] = merges[:i] + merges[i + 1:]
+        other = copy.deepcopy(smollm2_tok)
+        other._tokenizer = Tokenizer.from_str(json.dumps(spec))  # the fast tokenizer's backend
+        if other(probe)["input_ids"] == before:
+            break
+    assert other.backend_tokenizer.to_str() != smollm2_tok.backend_tokenizer.to_str()
+    assert len(other) == len(smollm2_tok) and other.chat_template == smollm2_tok.chat_template
+    assert fingerprint(cfg, other) != key
+
+    path = data_dir / "latentqa/eval/system.json"
+    stat = os.stat(path)
+    text = path.read_text()
+    i = text.index('"system"')
+    edited = text[:i] + text[i:].replace("a", "e", 1)  # same size
+    path.write_text(edited)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(path) == stat.st_size and fingerprint(cfg, smollm2_tok) != key
