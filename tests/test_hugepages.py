@@ -1,6 +1,7 @@
 """lit_jax.cpu_tuning: the huge-page environment is composed right and only for CPU runs, the
 re-exec happens once in the same process, and CompiledPerShape compiles once per shape on CPU."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -55,13 +56,16 @@ def test_jax_platforms_decides_the_backend(cpu_host):
 
 @pytest.mark.parametrize("module", ["jax_plugins/xla_cuda12", "jax_plugins/xla_rocm7", "libtpu", "jax_cuda13_plugin"])
 def test_an_installed_accelerator_plugin_skips_huge_pages(tmp_path, monkeypatch, module):
-    if cpu_tuning.accelerator_plugin() is not None:
-        pytest.skip(f"a real accelerator plugin is installed: {cpu_tuning.accelerator_plugin()}")
+    # Only tmp_path is searched, so a plugin installed on this machine cannot decide the result.
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    for name in (*cpu_tuning.ACCELERATOR_MODULES, "jax_plugins"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(cpu_tuning, "supported", lambda: True)
+    assert cpu_tuning.accelerator_plugin() is None
     assert cpu_tuning.has_tunable(cpu_tuning.env_with_hugepages({}))
     (tmp_path / module).mkdir(parents=True)
     (tmp_path / module / "__init__.py").write_text("raise RuntimeError('a plugin must not be imported')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
     assert cpu_tuning.accelerator_plugin() == module.replace("/", ".")
     assert not cpu_tuning.runs_on_cpu({})
     assert cpu_tuning.env_with_hugepages({}) == {}
