@@ -1,26 +1,31 @@
-"""The decoder side: prompt styles, placeholder slots, answer loss mask — by token-id concatenation.
+"""The decoder side: prompt styles, placeholder slots, answer loss mask.
 
 The decoder dialog is rendered once per (tokenizer, style, layer) with sentinel strings in
-place of the variable parts; the text between sentinels ("glue": role headers, end-of-turn
-markup, a default system prompt, "Layer: 15\\n") is tokenized once. An example is then
-glue + [placeholder] * S + glue + question ids + glue + answer ids + end-of-turn, so there
-are exactly S slots whatever the tokenizer would have merged, and no template re-rendering
-per example.
+place of the variable parts (the placeholders, the acknowledgement, the question, the
+answer). An example is that text with the parts filled in, tokenized as a whole, so its
+tokens are the ones the model meets in any other use of its template (SentencePiece's
+word-initial "▁", merges across a part boundary). Character spans of the parts then give
+the write positions (exactly S placeholder tokens, checked) and the loss mask.
+
+The generation prompt is the training text cut where the answer begins, so generation sees
+what training saw before the answer, including what a template writes only before a final
+answer (Qwen3's empty think block). Where the template puts a space between the turn header
+and the answer ("[/INST] answer": Llama 2, Mistral) and the tokenizer folds that space into
+the answer's first token, the cut is before the space, which then belongs to the answer.
 
 Styles (the answer is always the final assistant turn):
   latentqa  [user: <S placeholders>] [assistant: acknowledgement] [user: question] [assistant: answer]
   oracle    [user: "Layer: {L}\\n" + <S placeholders> + "\\n" + question] [assistant: answer]
 Loss (targets): the answer tokens and the template's end-of-turn token after them (the first
-special token of the glue after the answer; the sequence ends there). With
-train_on_acknowledgement, also the acknowledgement and its end-of-turn token (as the
-reference did).
+special token after the answer; the sequence ends there). With train_on_acknowledgement,
+also the acknowledgement and its end-of-turn token (as the reference did).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -30,21 +35,23 @@ from lit_jax.data.errors import log
 SLOTS, ACK, QUESTION, ANSWER = "slots", "ack", "question", "answer"
 _SENT = {k: f"\x00lit-{k}\x00" for k in (SLOTS, ACK, QUESTION, ANSWER)}
 _SPLIT = re.compile("\x00lit-(slots|ack|question|answer)\x00")
+_PROBE_QUESTION, _PROBE_ANSWERS = "What is it?", ("It is a test.", "Yes", "42", "(b) a pirate")
 
 # "auto" placeholder: the first that is a single special token of the tokenizer (reserved/unused
 # tokens never occur in text); " ?" (Activation Oracles' choice) is the last resort.
 PLACEHOLDER_CANDIDATES = (
     "<|reserved_special_token_0|>",  # Llama-3
     "<empty_output>",  # SmolLM2 / StarCoder vocabularies
-    "<|fim_pad|>",  # Qwen2
+    "<|fim_pad|>",  # Qwen2 / Qwen2.5 / Qwen3
+    "[control_8]",  # Mistral v0.3 (unused control tokens)
     "<unused0>",  # Gemma
 )
 PLACEHOLDER_FALLBACK = " ?"
 
 
-class Part(NamedTuple):
-    kind: str  # "text" or one of SLOTS/ACK/QUESTION/ANSWER
-    ids: np.ndarray  # token ids of text parts and of the (constant) acknowledgement
+class Filled(NamedTuple):
+    text: str  # the decoder dialog with its parts filled in
+    spans: dict  # part kind -> (start, end) character offsets in text
 
 
 class DecoderPrompt(NamedTuple):
@@ -63,21 +70,37 @@ def encode(tokenizer: Any, text: str) -> np.ndarray:
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32).reshape(-1)
 
 
+def _placeholder_id(tokenizer: Any, text: str) -> int | None:
+    """The token id `text` becomes when repeated inside other text, if it is one token each time."""
+    base, ids = encode(tokenizer, "."), encode(tokenizer, "." + text * 3)
+    if len(ids) == len(base) + 3 and np.array_equal(ids[: len(base)], base) and len(set(ids[len(base):])) == 1:
+        return int(ids[-1])
+    return None
+
+
 def resolve_placeholder(tokenizer: Any, spec: str = "auto") -> tuple[str, int]:
-    """(placeholder text, token id): `spec` itself, or the "auto" choice; must be one token."""
-    candidates = PLACEHOLDER_CANDIDATES if spec == "auto" else (spec,)
+    """(placeholder text, token id): `spec` itself, or the "auto" choice.
+
+    The placeholder must become exactly one token each time it is repeated inside text (as the
+    slots are); "auto" takes the first candidate that is a special token of the tokenizer, else
+    " ?". Raises ValueError when no candidate (or `spec`) qualifies.
+    """
     specials = special_ids(tokenizer)
-    for text in candidates:
-        ids = encode(tokenizer, text)
-        if len(ids) == 1 and (spec != "auto" or int(ids[0]) in specials):
-            return text, int(ids[0])
-    if spec == "auto":
-        ids = encode(tokenizer, PLACEHOLDER_FALLBACK)
-        if len(ids) == 1:
-            return PLACEHOLDER_FALLBACK, int(ids[0])
+    if spec != "auto":
+        pid = _placeholder_id(tokenizer, spec)
+        if pid is None:
+            raise ValueError(f"placeholder_token {spec!r} does not tokenize to one token per repetition for this "
+                             "tokenizer; it must")
+        return spec, pid
+    for text in PLACEHOLDER_CANDIDATES:
+        pid = _placeholder_id(tokenizer, text)
+        if pid is not None and pid in specials:
+            return text, pid
+    pid = _placeholder_id(tokenizer, PLACEHOLDER_FALLBACK)
+    if pid is None:
         raise ValueError(f"no single-token placeholder among {PLACEHOLDER_CANDIDATES + (PLACEHOLDER_FALLBACK,)}; "
                          "set data.placeholder_token")
-    raise ValueError(f"placeholder_token {spec!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
+    return PLACEHOLDER_FALLBACK, pid
 
 
 def decoder_messages(style: str, acknowledgement: str, layer: int, with_answer: bool) -> list[dict[str, str]]:
@@ -89,18 +112,6 @@ def decoder_messages(style: str, acknowledgement: str, layer: int, with_answer: 
     else:
         raise ValueError(f"prompt_style={style!r}; expected 'latentqa' or 'oracle'")
     return msgs + ([{"role": "assistant", "content": _SENT[ANSWER]}] if with_answer else [])
-
-
-def template_parts(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, ack_ids: np.ndarray
-                   ) -> list[Part]:
-    pieces = _SPLIT.split(render(tokenizer, messages, generation_prompt))
-    parts = []
-    for i, piece in enumerate(pieces):
-        if i % 2 == 0:
-            parts.append(Part("text", encode(tokenizer, piece)))
-        else:
-            parts.append(Part(piece, ack_ids if piece == ACK else np.zeros(0, np.int32)))
-    return parts
 
 
 def _first_special(ids: np.ndarray, specials: frozenset) -> int | None:
@@ -131,9 +142,25 @@ def template_end_of_turn_id(tokenizer: Any) -> int | None:
     return None if at is None else int(after[at])
 
 
+def _boundary(offsets: np.ndarray, pos: int) -> int | None:
+    """Number of tokens before character `pos`, or None if a token straddles it."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    if ((starts < pos) & (ends > pos)).any():
+        return None
+    return int((starts < pos).sum())
+
+
+def _encode_with_offsets(tokenizer: Any, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return [(np.asarray(i, np.int32).reshape(-1), np.asarray(o, np.int64).reshape(-1, 2))
+            for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderFormat:
-    """Assembles decoder sequences for one tokenizer, prompt style and placeholder."""
+    """Builds decoder sequences for one tokenizer, prompt style and placeholder."""
 
     style: str
     placeholder: str
@@ -146,117 +173,158 @@ class DecoderFormat:
 
     @classmethod
     def create(cls, tokenizer: Any, cfg: Any) -> "DecoderFormat":
+        """Raises TemplateError when the chat template cannot give a decoder prompt (saying why)."""
         text, pid = resolve_placeholder(tokenizer, cfg.placeholder_token)
         fmt = cls(cfg.prompt_style, text, pid, cfg.acknowledgement.strip(), bool(cfg.train_on_acknowledgement),
                   tokenizer, special_ids(tokenizer))
-        fmt.parts(int(cfg.read_layers[0]))  # validate the template now, not at the first example
+        fmt.answer_cut(int(cfg.read_layers[0]))  # validate the template now, not at the first example
         fmt.check_natural(int(cfg.read_layers[0]))
         return fmt
 
-    def check_natural(self, layer: int, question: str = "What is it?", answer: str = "It is a test.") -> bool:
-        """Warn if concatenation differs from tokenizing the whole rendered dialog.
+    def pieces(self, layer: int) -> tuple[str, ...]:
+        """The rendered training dialog split at its parts: glue, kind, glue, kind, ..., glue."""
+        key = ("pieces", layer)
+        if key not in self._cache:
+            msgs = decoder_messages(self.style, self.acknowledgement, layer, True)
+            pieces = tuple(_SPLIT.split(render(self.tokenizer, msgs, False)))
+            kinds = list(pieces[1::2])
+            want = [SLOTS, ACK, QUESTION, ANSWER] if self.style == "latentqa" else [SLOTS, QUESTION, ANSWER]
+            if kinds != want:
+                raise TemplateError(f"the chat template reorders or drops decoder parts: got {kinds}, expected {want}")
+            if any(self.placeholder in glue for glue in pieces[::2]):
+                raise TemplateError(f"placeholder {self.placeholder!r} occurs in the chat template itself; "
+                                    "choose another (data.placeholder_token)")
+            self._cache[key] = pieces
+        return self._cache[key]
 
-        Training and generation both concatenate, so they agree either way; a difference only
-        means the tokenizer merges across a template/content boundary, e.g. a GPT-2-style split
-        after a template's "\\n\\n" (Llama-3's own split keeps "\\n\\n" whole).
-        """
-        tokens, _, _ = self.example(3, encode(self.tokenizer, question), encode(self.tokenizer, answer), layer)
-        text = render(self.tokenizer, decoder_messages(self.style, self.acknowledgement, layer, True), False)
-        for key, value in ((SLOTS, self.placeholder * 3), (ACK, self.acknowledgement), (QUESTION, question),
-                           (ANSWER, answer)):
-            text = text.replace(_SENT[key], value)
-        natural = encode(self.tokenizer, text)[: len(tokens)]
-        if np.array_equal(natural, tokens):
+    def fill(self, layer: int, num_slots: int, question: str, answer: str) -> Filled:
+        values = {SLOTS: self.placeholder * num_slots, ACK: self.acknowledgement, QUESTION: question,
+                  ANSWER: answer}
+        out, spans, n = [], {}, 0
+        for i, piece in enumerate(self.pieces(layer)):
+            if i % 2:
+                kind, piece = piece, values[piece]
+                spans[kind] = (n, n + len(piece))
+            out.append(piece)
+            n += len(piece)
+        return Filled("".join(out), spans)
+
+    def answer_cut(self, layer: int) -> int:
+        """How many characters before the answer the generation prompt ends: 0, or the length of
+        the whitespace the template writes before the answer when the tokenizer folds it into the
+        answer's first token. Probed once per layer; raises TemplateError if neither works or no
+        special end-of-turn token follows the answer."""
+        key = ("cut", layer)
+        if key not in self._cache:
+            glue = self.pieces(layer)[-3]  # the glue before the answer (pieces end: ..., glue, ANSWER, glue)
+            space = len(glue) - len(glue.rstrip())
+            filled = [self.fill(layer, 3, _PROBE_QUESTION, a) for a in _PROBE_ANSWERS]
+            encoded = _encode_with_offsets(self.tokenizer, [f.text for f in filled])
+            cut = None
+            for candidate in dict.fromkeys((0, space)):
+                if all(_boundary(off, f.spans[ANSWER][0] - candidate) is not None
+                       for f, (_, off) in zip(filled, encoded)):
+                    cut = candidate
+                    break
+            if cut is None:
+                raise TemplateError("the tokenizer merges the answer's first token with the template text before it; "
+                                    "no generation prompt gives the tokens training sees")
+            for f, (ids, off) in zip(filled, encoded):
+                if self._end_of_turn(ids, off, f.spans[ANSWER][1]) is None:
+                    raise TemplateError("no special end-of-turn token follows the assistant turn in the chat template")
+            self._cache[key] = cut
+        return self._cache[key]
+
+    def _end_of_turn(self, ids: np.ndarray, offsets: np.ndarray, after: int) -> int | None:
+        """Index of the first special token starting at or after character `after`."""
+        specials = self.specials or special_ids(self.tokenizer)
+        hits = [j for j in np.flatnonzero(offsets[:, 0] >= after).tolist() if int(ids[j]) in specials]
+        return hits[0] if hits else None
+
+    def examples(self, items: Sequence[tuple[int, str, str, int]]
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
+        """For each (num_slots, question, answer, layer): (decoder_tokens int32 [T], write_positions
+        int32 [S], loss_mask bool [T]), or a string saying why the example cannot be built. Two
+        batched tokenizer calls (full texts, prompts)."""
+        filled = [self.fill(layer, s, q, a) for s, q, a, layer in items]
+        cuts = [f.spans[ANSWER][0] - self.answer_cut(layer) for f, (_, _, _, layer) in zip(filled, items)]
+        full = _encode_with_offsets(self.tokenizer, [f.text for f in filled])
+        prompts = _encode_with_offsets(self.tokenizer, [f.text[:c] for f, c in zip(filled, cuts)])
+        out: list = []
+        for (s, _, _, _), f, cut, (ids, off), (p_ids, p_off) in zip(items, filled, cuts, full, prompts):
+            write = self._slots(p_ids, p_off, f.spans[SLOTS], s)
+            b = _boundary(off, cut)
+            eot = self._end_of_turn(ids, off, f.spans[ANSWER][1])
+            if isinstance(write, str) or b is None or eot is None:
+                out.append(write if isinstance(write, str) else
+                           "the answer's first token merges with the template text before it" if b is None else
+                           "no end-of-turn token after the answer")
+                continue
+            if not np.array_equal(ids[:b], p_ids):
+                self._warn_once("the decoder prompt tokenizes differently alone than inside the training text; "
+                                "training uses the prompt's own tokens, so training and generation agree")
+            tokens = np.concatenate([p_ids, ids[b: eot + 1]]).astype(np.int32)
+            loss = np.zeros(len(tokens), bool)
+            loss[len(p_ids):] = True
+            if self.train_on_acknowledgement:
+                first = int(np.argmax((p_off[:, 1] > f.spans[ACK][0]) & (p_off[:, 0] < f.spans[ACK][1])))
+                end = self._end_of_turn(p_ids, p_off, f.spans[ACK][1])
+                loss[first: (end if end is not None else first) + 1] = True
+            out.append((tokens, write, loss))
+        return out
+
+    def _slots(self, ids: np.ndarray, offsets: np.ndarray, span: tuple[int, int], num_slots: int
+               ) -> np.ndarray | str:
+        at = np.flatnonzero((offsets[:, 1] > span[0]) & (offsets[:, 0] < span[1])).astype(np.int32)
+        if len(at) != num_slots or (ids[at] != self.placeholder_id).any():
+            return (f"{num_slots} placeholders {self.placeholder!r} tokenize to {len(at)} tokens in the template, "
+                    "not one each; set data.placeholder_token to a special token")
+        return at
+
+    def _warn_once(self, message: str) -> None:
+        if not self._cache.get(("warned", message)):
+            self._cache[("warned", message)] = True
+            log.warning(message)
+
+    def example(self, num_slots: int, question: str, answer: str, layer: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(decoder_tokens [T], write_positions [S], loss_mask [T]) for one example; ValueError if it cannot be built."""
+        [ex] = self.examples([(num_slots, question, answer, layer)])
+        if isinstance(ex, str):
+            raise ValueError(ex)
+        return ex
+
+    def prompt(self, num_slots: int, question: str, layer: int) -> DecoderPrompt:
+        """The decoder prompt for generation: slots, question, the template up to where the answer begins."""
+        f = self.fill(layer, num_slots, question, "")
+        cut = f.spans[ANSWER][0] - self.answer_cut(layer)
+        [(ids, off)] = _encode_with_offsets(self.tokenizer, [f.text[:cut]])
+        write = self._slots(ids, off, f.spans[SLOTS], num_slots)
+        if isinstance(write, str):
+            raise TemplateError(write)
+        return DecoderPrompt(ids, write, len(ids))
+
+    def check_natural(self, layer: int, question: str = _PROBE_QUESTION, answer: str = _PROBE_ANSWERS[0]) -> bool:
+        """Whether an example's tokens are exactly those of tokenizing its whole text (up to the
+        answer's end-of-turn token); warns if not. They differ only where the generation prompt
+        tokenizes differently alone than inside the longer text; training then uses the prompt's
+        own tokens, so training and generation still agree."""
+        tokens, _, _ = self.example(3, question, answer, layer)
+        [(natural, _)] = _encode_with_offsets(self.tokenizer, [self.fill(layer, 3, question, answer).text])
+        if np.array_equal(natural[: len(tokens)], tokens):
             return True
         n = min(len(natural), len(tokens))
         at = int(np.argmax(natural[:n] != tokens[:n])) if (natural[:n] != tokens[:n]).any() else n
-        log.warning("decoder token concatenation differs from tokenizing the rendered template (first at token %d); "
-                    "the tokenizer merges across a template boundary. Training and generation stay consistent.", at)
+        log.warning("decoder tokens differ from tokenizing the rendered template (first at token %d): the tokenizer "
+                    "merges across the end of the generation prompt. Training and generation stay consistent.", at)
         return False
-
-    def parts(self, layer: int) -> tuple[list[Part], list[Part]]:
-        """(training parts with the answer, generation-prompt parts), checked, cached per layer."""
-        if layer not in self._cache:
-            ack_ids = encode(self.tokenizer, self.acknowledgement)
-            train = template_parts(self.tokenizer, decoder_messages(self.style, self.acknowledgement, layer, True),
-                                   False, ack_ids)
-            prompt = template_parts(self.tokenizer, decoder_messages(self.style, self.acknowledgement, layer, False),
-                                    True, ack_ids)
-            self._check(train, prompt)
-            self._cache[layer] = (train, prompt)
-        return self._cache[layer]
-
-    def _check(self, train: list[Part], prompt: list[Part]) -> None:
-        kinds = [p.kind for p in train if p.kind != "text"]
-        want = [SLOTS, ACK, QUESTION, ANSWER] if self.style == "latentqa" else [SLOTS, QUESTION, ANSWER]
-        if kinds != want:
-            raise TemplateError(f"the chat template reorders or drops decoder parts: got {kinds}, expected {want}")
-        if any(self.placeholder_id in p.ids for p in train if p.kind == "text"):
-            raise TemplateError(f"placeholder {self.placeholder!r} occurs in the chat template itself; choose another")
-        a = kinds.index(ANSWER) * 2 + 1  # parts alternate text / variable
-        for i in [a] + ([kinds.index(ACK) * 2 + 1] if self.train_on_acknowledgement else []):
-            if self._end_of_turn(train[i + 1].ids) is None:
-                raise TemplateError("no special end-of-turn token follows the assistant turn in the chat template")
-        same = len(prompt) == a and all(
-            p.kind == t.kind and np.array_equal(p.ids, t.ids) for p, t in zip(prompt, train[:a]))
-        if not same:
-            raise TemplateError("the template's generation prompt differs from its training rendering before the "
-                                "answer; training and generation would see different prompts")
-
-    def _end_of_turn(self, ids: np.ndarray) -> int | None:
-        """Index in `ids` of the first special token (the end-of-turn marker)."""
-        return _first_special(ids, self.specials or special_ids(self.tokenizer))
 
     @property
     def end_of_turn_id(self) -> int:
         """The token that ends the assistant answer (stop token for generation)."""
-        train = (next(iter(self._cache.values())) if self._cache else self.parts(0))[0]
-        after = train[[p.kind for p in train].index(ANSWER) + 1].ids
-        return int(after[self._end_of_turn(after)])
-
-    def example(self, num_slots: int, question_ids: np.ndarray, answer_ids: np.ndarray, layer: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(decoder_tokens [T], write_positions [S], loss_mask [T]) for one training example."""
-        train, _ = self.parts(layer)
-        segments, losses = [], []
-        write, pending, n = np.zeros(0, np.int32), None, 0
-        for part in train:
-            if part.kind == "text":
-                ids, mask = part.ids, np.zeros(len(part.ids), bool)
-                if pending is not None:  # the target turn's end-of-turn token is a target too
-                    eot = self._end_of_turn(ids)
-                    mask[: eot + 1] = True
-                    if pending == ANSWER:  # nothing after the answer's end-of-turn affects the loss
-                        ids, mask = ids[: eot + 1], mask[: eot + 1]
-                pending = None
-            elif part.kind == SLOTS:
-                ids, mask = np.full(num_slots, self.placeholder_id, np.int32), np.zeros(num_slots, bool)
-                write = np.arange(n, n + num_slots, dtype=np.int32)
-            elif part.kind == QUESTION:
-                ids, mask = question_ids, np.zeros(len(question_ids), bool)
-            else:  # ACK or ANSWER
-                target = part.kind == ANSWER or self.train_on_acknowledgement
-                ids = answer_ids if part.kind == ANSWER else part.ids
-                mask, pending = np.full(len(ids), target), (part.kind if target else None)
-            segments.append(np.asarray(ids, np.int32))
-            losses.append(mask)
-            n += len(ids)
-        return np.concatenate(segments), write, np.concatenate(losses)
-
-    def prompt(self, num_slots: int, question_ids: np.ndarray, layer: int) -> DecoderPrompt:
-        """The decoder prompt for generation: slots, question, assistant header (no answer)."""
-        _, parts = self.parts(layer)
-        segments, write, n = [], None, 0
-        for part in parts:
-            if part.kind == SLOTS:
-                ids = np.full(num_slots, self.placeholder_id, np.int32)
-                write = np.arange(n, n + num_slots, dtype=np.int32)
-            else:
-                ids = question_ids if part.kind == QUESTION else part.ids
-            segments.append(np.asarray(ids, np.int32))
-            n += len(ids)
-        tokens = np.concatenate(segments)
-        return DecoderPrompt(tokens, write, len(tokens))
+        layer = next((k[1] for k in self._cache if k[0] == "pieces"), 0)
+        tokens, _, _ = self.example(3, _PROBE_QUESTION, _PROBE_ANSWERS[0], layer)
+        return int(tokens[-1])
 
 
 def decoder_prompt(tokenizer: Any, data_cfg: Any, question: str, num_slots: int, layer: int | None = None,
@@ -266,6 +334,6 @@ def decoder_prompt(tokenizer: Any, data_cfg: Any, question: str, num_slots: int,
         raise ValueError(f"num_slots={num_slots}: there must be at least one activation to write")
     fmt = fmt or DecoderFormat.create(tokenizer, data_cfg)
     layer = int(data_cfg.read_layers[0]) if layer is None else int(layer)
-    p = fmt.prompt(num_slots, encode(tokenizer, question.strip()), layer)
+    p = fmt.prompt(num_slots, question.strip(), layer)
     assert len(p.write_positions) == num_slots
     return p

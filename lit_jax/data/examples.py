@@ -4,7 +4,7 @@ An example:
   read_tokens int32 [R], read_positions int32 [S]   the target's input and the read span
   decoder_tokens int32 [T], write_positions int32 [S], loss_mask bool [T]
   read_layer int32; label, source, record_index, question, answer, read (JSON)
-Tokenizer calls are batched (one per read kind, one for all questions and answers).
+Tokenizer calls are batched (one per read kind; two for all decoder sequences, see DecoderFormat.examples).
 """
 
 from __future__ import annotations
@@ -20,15 +20,6 @@ from lit_jax.data.errors import BadRecords
 from lit_jax.data.records import Record
 
 ARRAY_FIELDS = ("read_tokens", "read_positions", "decoder_tokens", "write_positions", "loss_mask")
-
-
-def encode_many(tokenizer: Any, texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """{text: ids} for the distinct texts, in one batched call."""
-    uniq = sorted(set(texts))
-    if not uniq:
-        return {}
-    ids = tokenizer(uniq, add_special_tokens=False)["input_ids"]
-    return {t: np.asarray(i, np.int32) for t, i in zip(uniq, ids)}
 
 
 def pick_layers(n: int, layers: Sequence[int], seed: int) -> np.ndarray:
@@ -65,16 +56,20 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, fmt: DecoderForm
             kept.append(r)
     keys = [k for k, v in reads.items() if not isinstance(v, TemplateError)]
     tokenized = dict(zip(keys, tokenize_reads(tokenizer, [reads[k] for k in keys])))
-    ids = encode_many(tokenizer, [r.question for r in kept] + [r.answer for r in kept])
     layers = pick_layers(len(kept), read_layers, seed)
+    kept = [(r, int(layer)) for r, layer in zip(kept, layers)]
+    empty = [(r, layer) for r, layer in kept if tokenized[read_key(r)][1].size == 0]
+    for r, _ in empty:
+        bad.report(r.source, r.index, "the read span holds no tokens")
+    kept = [(r, layer) for r, layer in kept if tokenized[read_key(r)][1].size > 0]
+    built = fmt.examples([(len(tokenized[read_key(r)][1]), r.question, r.answer, layer) for r, layer in kept])
     out = []
-    for r, layer in zip(kept, layers):
-        read_tokens, read_positions = tokenized[read_key(r)]
-        if read_positions.size == 0:
-            bad.report(r.source, r.index, "the read span holds no tokens")
+    for (r, layer), ex in zip(kept, built):
+        if isinstance(ex, str):
+            bad.report(r.source, r.index, ex)
             continue
-        decoder_tokens, write_positions, loss_mask = fmt.example(len(read_positions), ids[r.question], ids[r.answer],
-                                                                 int(layer))
+        read_tokens, read_positions = tokenized[read_key(r)]
+        decoder_tokens, write_positions, loss_mask = ex
         assert len(write_positions) == len(read_positions), "decoder slots != read activations"
         out.append({
             "read_tokens": read_tokens, "read_positions": read_positions, "decoder_tokens": decoder_tokens,

@@ -35,7 +35,7 @@ from lit_jax.data.records import Record
 from lit_jax.data.storage import SPLITS, ExampleSource, is_prepared, read_tfds, write_tfds
 from lit_jax.padding import round_up
 
-PIPELINE_VERSION = 3  # bump when the tokenization rules change: old tfds stores are then not reused
+PIPELINE_VERSION = 4  # bump when the tokenization rules change: old tfds stores are then not reused
 # Settings that do not change the prepared examples (batching and storage only).
 NOT_CONTENT = ("batch_size", "shuffle_seed", "storage", "tfds_dir", "train_drop_remainder", "data_dir", "group_by_read")
 
