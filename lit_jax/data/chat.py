@@ -201,7 +201,7 @@ def tokenize_read(tokenizer: Any, dialog_or_text: Sequence[dict[str, str]] | str
         record = Record(label="-", question="-", answer="-", text=dialog_or_text, read_chars=read_chars)
     else:
         dialog = tuple((m["role"], m["content"].strip()) for m in dialog_or_text)
-        gen = dialog[-1][0] != "assistant" if generation_prompt is None else generation_prompt
+        gen = (bool(dialog) and dialog[-1][0] != "assistant") if generation_prompt is None else generation_prompt
         record = Record(label="-", question="-", answer="-", dialog=dialog, read_from_turn=read_from_turn,
                         generation_prompt=gen)
     problem = check_record(record)

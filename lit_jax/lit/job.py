@@ -25,6 +25,7 @@ from lit_jax.lit.config import LitConfig
 from lit_jax.lit.loss import decoder_weights
 from lit_jax.lit.read import Reader
 from lit_jax.lit.train import TrainConfig, train
+from lit_jax.lit.trained import save_run_settings
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
 from lit_jax.models.lora import merge_lora
@@ -121,6 +122,8 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
     shd.maybe_initialize_distributed(mesh_cfg.distributed)
     os.makedirs(workdir, exist_ok=True)
     cfg, base, tokenizer = load_model(config.model, config.seed)
+    if jax.process_index() == 0:
+        save_run_settings(workdir, config, tokenizer)  # what load_decoder rebuilds the decoder from
     mesh = shd.make_mesh(mesh_cfg.shape)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = config.data.batch_size * jax.process_count()

@@ -60,9 +60,9 @@ def decoder_weights(trainable: dict, base: llama.Params, cfg: ModelConfig, lcfg:
     return base, LoraWeights(trainable["lora"], lcfg.lora.scale)
 
 
-def lit_loss_sums(trainable: dict, base: llama.Params, batch: LitBatch, cfg: ModelConfig, lcfg: LitConfig
-                  ) -> LossSums:
-    """Summed answer-token cross-entropy, hits and counts of the decoder on `batch` (see LossSums)."""
+def target_nll(trainable: dict, base: llama.Params, batch: LitBatch, cfg: ModelConfig, lcfg: LitConfig
+               ) -> tuple[jax.Array, jax.Array]:
+    """(negative log-likelihood, argmax hit) of each target token [B, P] float32 (mask: batch.targets.mask)."""
     vectors = written_vectors(trainable, base, batch.read, batch.slots, cfg, lcfg)
     decoder, lora = decoder_weights(trainable, base, cfg, lcfg)
     dec, targets = batch.decoder, batch.targets
@@ -72,8 +72,14 @@ def lit_loss_sums(trainable: dict, base: llama.Params, batch: LitBatch, cfg: Mod
         edit=write_edit(write, lcfg.write_layer, lcfg.write_mode),
         logits_at=targets.logit_positions,  # the token before each target (its parent, when packed)
     )
-    nll, hit = token_nll(out.logits, targets.tokens)
-    w = targets.mask.astype(jnp.float32)
+    return token_nll(out.logits, targets.tokens)
+
+
+def lit_loss_sums(trainable: dict, base: llama.Params, batch: LitBatch, cfg: ModelConfig, lcfg: LitConfig
+                  ) -> LossSums:
+    """Summed answer-token cross-entropy, hits and counts of the decoder on `batch` (see LossSums)."""
+    nll, hit = target_nll(trainable, base, batch, cfg, lcfg)
+    w = batch.targets.mask.astype(jnp.float32)
     return LossSums(
         loss=jnp.sum(nll * w),
         correct=jnp.sum(hit * w),

@@ -1,0 +1,166 @@
+"""A trained decoder, loaded in a new process from what its run saved.
+
+    decoder = load_decoder("workdirs/smollm2_demo")          # latest checkpoint
+    decoder = load_decoder("workdirs/smollm2_demo", step=80)  # a given step
+    reader = decoder.reader()
+    reader.ask([tokenize_read(decoder.tokenizer, dialog, read_from_turn=1)], ["What persona ...?"])
+
+A `lit` run writes `lit_run.json` into its work dir before training: the whole config it
+ran with and its tokenizer's fingerprint. Loading rebuilds the model, LIT and data-format
+settings from that file, so nothing is repeated on the command line; the target's weights
+come from the saved `model.source` unless `target=` names other weights, which must then be
+the same model (architecture, shapes, tokenizer) or are refused naming the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from lit_jax.generate import SamplingConfig
+from lit_jax.lit.checkpoint import Checkpointer, config_meta
+from lit_jax.lit.config import LitConfig
+from lit_jax.models.config import ModelConfig
+from lit_jax.settings import lit_from_section
+
+RUN_FILE = "lit_run.json"
+RUN_FILE_VERSION = 1
+
+
+class DecoderMismatchError(ValueError):
+    """A decoder pointed at a target it was not trained on (other architecture, shapes or tokenizer)."""
+
+
+class TrainedDecoder(NamedTuple):
+    """Everything reading and control need: the target (frozen base), the trained parameters,
+    and the settings the decoder was trained with."""
+
+    cfg: ModelConfig
+    lcfg: LitConfig
+    base: Any  # the target's (and the decoder's base) params
+    trainable: dict  # {"proj": ..., "lora": ...} or {"proj": ..., "decoder": ...}
+    tokenizer: Any
+    data_cfg: ConfigDict  # prompt_style, placeholder_token, acknowledgement, read_layers, ...
+    step: int
+    path: str
+
+    def reader(self, sampling: SamplingConfig = SamplingConfig(max_new_tokens=48)):
+        from lit_jax.lit.read import Reader
+
+        return Reader(self.base, self.trainable, self.cfg, self.lcfg, self.tokenizer, self.data_cfg,
+                      sampling=sampling)
+
+
+def _atomic_json(path: str, value: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_run_settings(workdir: str, config: ConfigDict, tokenizer: Any) -> str:
+    """Writes `workdir/lit_run.json` (atomically): the run's whole config and tokenizer fingerprint."""
+    from lit_jax.data.pipeline import tokenizer_fingerprint
+
+    path = os.path.join(workdir, RUN_FILE)
+    _atomic_json(path, {"version": RUN_FILE_VERSION, "config": config.to_dict(),
+                        "tokenizer": tokenizer_fingerprint(tokenizer)})
+    return path
+
+
+def _run_settings(path: str) -> dict:
+    file = os.path.join(path, RUN_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"decoder {path!r} does not exist")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} is not a lit work dir: it has no {RUN_FILE} (a `lit` run writes one before "
+                                "training)")
+    with open(file, encoding="utf-8") as f:
+        settings = json.load(f)
+    if settings.get("version") != RUN_FILE_VERSION or "config" not in settings:
+        raise ValueError(f"{file}: unknown format (version {settings.get('version')!r})")
+    return settings
+
+
+def _check_target(saved: dict, current: dict, saved_tok: dict | None, current_tok: dict, where: str) -> None:
+    diffs = [(k, saved["model"].get(k), v) for k, v in current["model"].items() if saved["model"].get(k) != v]
+    if saved_tok is not None:
+        for key, name in (("vocab", "vocab size"), ("backend", "tokenizer (vocabulary, merges, pre-tokenizer)"),
+                          ("template", "chat template"), ("added", "added tokens")):
+            if saved_tok.get(key) != current_tok.get(key):
+                shown = (saved_tok.get(key), current_tok.get(key)) if key == "vocab" else ("differs", "")
+                diffs.append((name, *shown))
+    if diffs:
+        lines = "\n".join(f"  {name}: trained with {s!r}, target has {c!r}" if c != "" else f"  {name}: {s}"
+                          for name, s, c in diffs)
+        raise DecoderMismatchError(f"decoder {where} was not trained on this target:\n{lines}")
+
+
+def available_steps(path: str) -> list[int]:
+    directory = os.path.join(path, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    probe = Checkpointer(directory, clean_partial=False)
+    try:
+        return sorted(probe._mngr.all_steps())
+    finally:
+        probe.close()
+
+
+def load_decoder(path: str, *, step: int | None = None, target: str | None = None,
+                 dtype: str | None = None) -> TrainedDecoder:
+    """The decoder a `lit` run trained, from its work dir.
+
+    path: the run's work dir (holding lit_run.json and checkpoints/). step: a saved step
+    (default: the latest). target: other weights for the target (default: the run's
+    model.source); dtype: override the run's model.dtype. Raises FileNotFoundError (no such
+    dir, no lit_run.json, no checkpoint), ValueError naming the available steps for a step
+    that was not saved, DecoderMismatchError naming each architecture/shape/tokenizer field
+    where the target differs from what the decoder was trained on.
+    """
+    from lit_jax.lit.job import data_meta, load_model
+
+    path = os.path.abspath(path)
+    settings = _run_settings(path)
+    config = ConfigDict(settings["config"])
+    if target is not None:
+        config.model.source = target
+    if dtype is not None:
+        config.model.dtype = dtype
+    steps = available_steps(path)
+    if not steps:
+        raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint to load")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"step {step} was not saved in {path}/checkpoints; saved steps: {steps}")
+    lcfg = lit_from_section(config.lit, config.data.read_layers)
+    cfg, base, tokenizer = load_model(config.model, int(config.seed))
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), clean_partial=False)
+    try:
+        saved_meta = ckpt.read_meta(step).get("config")
+        from lit_jax.data.pipeline import tokenizer_fingerprint
+
+        if saved_meta is not None:
+            _check_target(saved_meta, config_meta(cfg, lcfg), settings.get("tokenizer"),
+                          tokenizer_fingerprint(tokenizer), f"{path} (step {step})")
+        restored = ckpt._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        ckpt.close()
+    trainable = jax.tree.map(lambda x: np.asarray(x, np.float32), restored["state"]["params"])
+    config.data.read_layers = tuple(int(x) for x in config.data.read_layers)
+    data_meta(config.data, tokenizer)  # the placeholder resolves as in training (ValueError otherwise)
+    return TrainedDecoder(cfg, lcfg, jax.device_put(base), jax.device_put(trainable), tokenizer, config.data,
+                          int(step), path)
