@@ -43,7 +43,14 @@ def run_chat(config, workdir: str) -> list[str]:
     return answers
 
 
-TASKS = {"lit": run_lit, "chat": run_chat}
+def run_read(config, workdir: str) -> list[dict]:
+    """Ask a trained decoder about reads from a JSONL file or flags (lit/read_task.py)."""
+    from lit_jax.lit.read_task import run_read as task
+
+    return task(config, workdir)
+
+
+TASKS = {"lit": run_lit, "chat": run_chat, "read": run_read}
 
 
 def main(argv) -> None:

@@ -160,3 +160,47 @@ def test_bad_reads_are_refused(decoder, reader):
         reader.ask([read], [QUESTIONS[0]], layer=1)
     with pytest.raises(ValueError, match="no candidate answers"):
         reader.score([read], [QUESTIONS[0]], [[]])
+
+
+def _read_cli(workdir, *overrides):
+    return subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/read.py",
+                           f"--config.decoder={workdir}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+
+
+def test_read_task_from_jsonl_and_flags(workdir, decoder, tmp_path):
+    import json
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        json.dumps({"dialog": DIALOGS[0], "read_from_turn": 1, "question": QUESTIONS[0], "answer": "A pirate."}) + "\n"
+        + json.dumps({"text": "The capital of Japan is", "question": "Which city completes the text?"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    r = _read_cli(workdir, f"--config.read.input={questions}", f"--config.read.output={out}",
+                  "--config.read.max_new_tokens=4", "--config.read.candidates=('Yes', 'No')")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["question"] for row in rows] == [QUESTIONS[0], "Which city completes the text?"]
+    assert rows[0]["true_answer"] == "A pirate." and "true_answer" not in rows[1]
+    assert set(rows[0]["scores"]) == {"Yes", "No"} and all(v < 0 for v in rows[0]["scores"].values())
+    # the same answers as the Python API
+    reader = decoder.reader(SamplingConfig(max_new_tokens=4))
+    assert rows[0]["answer"] == reader.ask([tokenize_read(decoder.tokenizer, DIALOGS[0], read_from_turn=1)],
+                                           [QUESTIONS[0]])[0]
+    assert "question: What persona will the assistant adopt?" in r.stdout
+
+    r = _read_cli(workdir, f"--config.read.dialog={json.dumps(DIALOGS[1])}", "--config.read.read_from_turn=1",
+                  f"--config.read.questions=('{QUESTIONS[1]}',)", "--config.read.each_token_last=3",
+                  "--config.read.max_new_tokens=2", f"--config.read.output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(row["token"] for row in rows)
+
+
+def test_read_task_bad_input(workdir, tmp_path):
+    r = _read_cli(workdir, "--config.read.questions=('Why?',)")
+    assert r.returncode != 0 and "give exactly one of --config.read.input, .dialog, .text" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"dialog": [], "question": "Why?"}\n')
+    r = _read_cli(workdir, f"--config.read.input={bad}")
+    assert r.returncode != 0 and f"{bad}: line 1: 'dialog' is empty" in r.stderr
