@@ -1,4 +1,7 @@
-"""Chat with SmolLM2-135M-Instruct on CPU: the model and generation, no LIT (a smoke test of the model)."""
+"""Chat with SmolLM2-135M-Instruct on CPU: the model and generation, no LIT (a smoke test of the model).
+
+--config.chat.steering=DIR: generate from the target steered by a `control` task result.
+"""
 
 from ml_collections import ConfigDict
 
@@ -13,5 +16,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
         max_new_tokens=64,
         temperature=0.0,
         top_k=0,
+        steering="",  # a directory the `control` task saved: the steered model answers
     ))
     return c

@@ -5,7 +5,9 @@ every row has produced an end token) is one compiled function; prompts are padde
 length bucket so a new batch of similar prompts reuses the compilation. Left- and
 right-padded batches are both correct: each row writes its new tokens to its own cache
 slots (see kv_cache.py). A residual-stream edit can be applied during prefill (LIT
-reading writes activations into the decoder's prompt that way).
+reading writes activations into the decoder's prompt that way). A `Steering`
+(models/steering.py: vectors added after blocks, or target adapters; lit/control.py
+finds them) applies at every position of the prefill and of every decode step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lit_jax.models import kv_cache as kvc
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
 from lit_jax.models.lora import LoraWeights
+from lit_jax.models.steering import Steering, steered_forward
 from lit_jax.padding import pad_batch
 
 
@@ -92,11 +95,14 @@ def generate_tokens(
     pad_id: int,
     lora: LoraWeights | None = None,
     prefill_edit: llama.BlockEdit | None = None,
+    steering: Steering | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Generates up to `sampling.max_new_tokens` per row of tokens int32 [B, T] (padding where ~valid).
 
     Pure and traceable: call it inside a jitted function (`generate` uses the jitted
     `generate_jit`). prefill_edit: a residual-stream edit applied to the prompt only.
+    steering: vectors / adapters applied at every prompt and generated position (None: the
+    plain model, exactly; ValueError if it carries adapters and `lora` is given too).
     Returns (new_tokens int32 [B, N] padded with pad_id after each row's end token,
     lengths int32 [B] counting tokens up to and including the end token).
     """
@@ -105,7 +111,7 @@ def generate_tokens(
     eos = jnp.asarray(eos_ids, jnp.int32)
     cache = kvc.init_cache(cfg, B, T + N)
     last = jnp.max(jnp.where(valid, jnp.arange(T), -1), axis=1)  # each row's last real token
-    model = functools.partial(llama.forward, cfg=cfg, lora=lora)
+    model = functools.partial(steered_forward, cfg=cfg, lora=lora, steering=steering)
 
     prefill = model(params, tokens, valid=valid, cache=cache, slots=jnp.broadcast_to(jnp.arange(T), (B, T)),
                     logits_at=last[:, None], edit=prefill_edit)
@@ -172,18 +178,21 @@ def generate(
     seed: int = 0,
     padding_side: str = "left",
     lora: LoraWeights | None = None,
+    steering: Steering | None = None,
 ) -> list[list[int]]:
     """Token-id lists in, generated token-id lists out (each ending at its end token, if any).
 
     Generation stops at any of `end_token_ids(cfg, tokenizer)` (config, generation_config,
     tokenizer eos, chat template end-of-turn). One compilation per (batch, padded prompt
-    length, sampling) shape. Raises ValueError when no end token is known.
+    length, sampling) shape. steering: see `generate_tokens` (lit_jax.lit.control.load_steering
+    gives one). Raises ValueError when no end token is known.
     """
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     tokens, valid = pad_batch(prompts, pad_id, padding_side)
     out, lengths = generate_jit(
         params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed),
         cfg=cfg, sampling=sampling, eos_ids=end_token_ids(cfg, tokenizer), pad_id=pad_id, lora=lora,
+        steering=steering,
     )
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, : lengths[i]].tolist() for i in range(len(prompts))]
@@ -193,7 +202,8 @@ def chat(params, cfg: ModelConfig, tokenizer: Any, questions: Sequence[str], **k
     """Answers each user message with the tokenizer's chat template; returns the decoded replies.
 
     Each reply stops at the template's end-of-turn token as well as at every other end token
-    (see `end_token_ids`). Raises ValueError when no end token is known.
+    (see `end_token_ids`). kwargs go to `generate` (sampling, seed, lora, steering, ...).
+    Raises ValueError when no end token is known.
     """
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,

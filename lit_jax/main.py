@@ -29,15 +29,21 @@ def run_lit(config, workdir: str) -> dict:
 
 
 def run_chat(config, workdir: str) -> list[str]:
-    """Loads a model and answers the configured questions (the foundation's smoke job)."""
+    """Loads a model and answers the configured questions (the foundation's smoke job); with
+    `chat.steering` (a directory the `control` task saved), the steered model answers."""
     from lit_jax.generate import SamplingConfig, chat
     from lit_jax.hf import load_pretrained
 
     m = config.model
     pre = load_pretrained(m.source, dtype=m.dtype, scan_layers=m.scan_layers)
+    steering = None
+    if config.chat.get("steering"):
+        from lit_jax.lit.control import load_steering
+
+        steering = load_steering(config.chat.steering, pre.cfg).steering
     sampling = SamplingConfig(config.chat.max_new_tokens, config.chat.temperature, config.chat.top_k)
     answers = chat(pre.params, pre.cfg, pre.tokenizer, list(config.chat.questions), sampling=sampling,
-                   seed=config.seed)
+                   seed=config.seed, steering=steering)
     for q, a in zip(config.chat.questions, answers):
         print(f"Q: {q}\nA: {a}\n", flush=True)
     return answers
@@ -50,7 +56,14 @@ def run_read(config, workdir: str) -> list[dict]:
     return task(config, workdir)
 
 
-TASKS = {"lit": run_lit, "chat": run_chat, "read": run_read}
+def run_control(config, workdir: str) -> dict:
+    """Steer the target through a trained decoder: vectors or a target LoRA (lit/control.py)."""
+    from lit_jax.lit.control import run_control as job
+
+    return job(config, workdir)
+
+
+TASKS = {"lit": run_lit, "chat": run_chat, "read": run_read, "control": run_control}
 
 
 def main(argv) -> None:
