@@ -109,15 +109,17 @@ def plain_batch(rows: dict[str, np.ndarray]) -> LitBatch:
     """Collated example rows (data/batching.py `collate`) as a LitBatch without merging: one chain per row.
 
     rows: read_tokens/read_valid [B, R], read_positions/slot_mask/write_positions [B, S],
-    decoder_tokens/decoder_valid [B, T], target_positions/target_mask [B, P], read_layer [B].
+    decoder_tokens/decoder_valid [B, T], target_positions/target_mask [B, P], read_layer [B]
+    (and slot_layers [B, S], the layer each slot reads, when given).
     """
     targets = np.asarray(rows["target_positions"], np.int32)
     return LitBatch(
         read=chains(rows["read_tokens"], rows["read_valid"]),
         slots=Slots(
             read_positions=np.asarray(rows["read_positions"], np.int32),
-            layer=np.broadcast_to(np.asarray(rows["read_layer"], np.int32)[:, None],
-                                  rows["read_positions"].shape).copy(),
+            layer=(np.asarray(rows["slot_layers"], np.int32) if "slot_layers" in rows else
+                   np.broadcast_to(np.asarray(rows["read_layer"], np.int32)[:, None],
+                                   rows["read_positions"].shape).copy()),
             write_positions=np.asarray(rows["write_positions"], np.int32),
             mask=np.asarray(rows["slot_mask"], bool),
         ),

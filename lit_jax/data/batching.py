@@ -105,7 +105,8 @@ def _best_cuts(r: np.ndarray, t: np.ndarray, counts: np.ndarray, k: int, read_we
 
 
 BATCH_FIELDS = ("read_tokens", "read_valid", "read_positions", "slot_mask", "decoder_tokens", "decoder_valid",
-                "write_positions", "loss_mask", "target_positions", "target_mask", "read_layer", "example_id")
+                "write_positions", "loss_mask", "target_positions", "target_mask", "read_layer", "slot_layers",
+                "example_id")
 
 
 def target_positions(loss_mask: np.ndarray, num_targets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +129,8 @@ def empty_batch(batch_size: int, bucket: tuple[int, int, int, int], pad_id: int,
         "decoder_tokens": np.full((b, t), pad_id, np.int32), "decoder_valid": np.zeros((b, t), bool),
         "write_positions": np.zeros((b, s), np.int32), "loss_mask": np.zeros((b, t), bool),
         "target_positions": np.zeros((b, p), np.int32), "target_mask": np.zeros((b, p), bool),
-        "read_layer": np.full((b,), default_layer, np.int32), "example_id": np.full((b,), -1, np.int32),
+        "read_layer": np.full((b,), default_layer, np.int32), "slot_layers": np.full((b, s), default_layer, np.int32),
+        "example_id": np.full((b,), -1, np.int32),
     }
 
 
@@ -151,6 +153,7 @@ def collate(examples: Sequence[dict[str, Any] | None], example_ids: Sequence[int
         batch["write_positions"][row, :s] = ex["write_positions"]
         batch["loss_mask"][row, :t] = ex["loss_mask"]
         batch["read_layer"][row] = ex["read_layer"]
+        batch["slot_layers"][row, :s] = ex["slot_layers"] if "slot_layers" in ex else ex["read_layer"]
         batch["example_id"][row] = eid
     batch["target_positions"], batch["target_mask"] = target_positions(batch["loss_mask"], num_targets)
     return batch

@@ -55,6 +55,7 @@ def default_data_config() -> ConfigDict:
     c.acknowledgement = "Sure, I've analyzed the assistant."
     c.train_on_acknowledgement = False
     c.read_layers = (15,)
+    c.read_all_layers = False  # True: every example reads every read layer (oracle style), else one sampled per example
     c.placeholder_token = "auto"
     c.buckets = ()
     c.num_buckets = 4
@@ -76,6 +77,9 @@ def check_data_config(c: ConfigDict) -> None:
     """Fail early on settings that would otherwise fail late or silently."""
     if c.prompt_style not in PROMPT_STYLES:
         raise ValueError(f"data.prompt_style={c.prompt_style!r}; expected one of {PROMPT_STYLES}")
+    if c.get("read_all_layers", False) and c.prompt_style != "oracle":
+        raise ValueError("data.read_all_layers=True needs data.prompt_style='oracle' (a \"Layer: L\" line before "
+                         "each layer's placeholders)")
     if c.train_on_acknowledgement and c.prompt_style != "latentqa":
         raise ValueError("data.train_on_acknowledgement needs prompt_style='latentqa' (the oracle style has none)")
     if c.on_bad_record not in ON_BAD_RECORD:

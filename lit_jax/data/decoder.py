@@ -16,6 +16,8 @@ the answer's first token, the cut is before the space, which then belongs to the
 Styles (the answer is always the final assistant turn):
   latentqa  [user: <S placeholders>] [assistant: acknowledgement] [user: question] [assistant: answer]
   oracle    [user: "Layer: {L}\\n" + <S placeholders> + "\\n" + question] [assistant: answer]
+            several layers at once (data.read_all_layers): "Layer: {L1}\\n" + <S> + "\\n" + "Layer: {L2}\\n"
+            + <S> + "\\n" + ... + question, one placeholder run per layer read
 Loss (targets): the answer tokens and the template's end-of-turn token after them (the first
 special token after the answer; the sequence ends there). With train_on_acknowledgement,
 also the acknowledgement and its end-of-turn token (as the reference did).
@@ -34,7 +36,16 @@ from lit_jax.data.errors import log
 
 SLOTS, ACK, QUESTION, ANSWER = "slots", "ack", "question", "answer"
 _SENT = {k: f"\x00lit-{k}\x00" for k in (SLOTS, ACK, QUESTION, ANSWER)}
-_SPLIT = re.compile("\x00lit-(slots|ack|question|answer)\x00")
+_SPLIT = re.compile("\x00lit-(slots\\d*|ack|question|answer)\x00")
+
+
+def slots_kind(run: int) -> str:
+    """The part name of placeholder run `run` (one run per layer read; the first is SLOTS)."""
+    return SLOTS if run == 0 else f"{SLOTS}{run}"
+
+
+def as_layers(layer: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(layer),) if isinstance(layer, (int, np.integer)) else tuple(int(x) for x in layer)
 _PROBE_QUESTION, _PROBE_ANSWERS = "What is it?", ("It is a test.", "Yes", "42", "(b) a pirate")
 
 # "auto" placeholder: the first that is a single special token of the tokenizer (reserved/unused
@@ -103,12 +114,19 @@ def resolve_placeholder(tokenizer: Any, spec: str = "auto") -> tuple[str, int]:
     return PLACEHOLDER_FALLBACK, pid
 
 
-def decoder_messages(style: str, acknowledgement: str, layer: int, with_answer: bool) -> list[dict[str, str]]:
+def decoder_messages(style: str, acknowledgement: str, layer: int | Sequence[int], with_answer: bool
+                     ) -> list[dict[str, str]]:
+    """The decoder dialog with sentinels for its parts; `layer` is one read layer, or several
+    (oracle style only: one "Layer: L" line and placeholder run each)."""
+    layers = as_layers(layer)
     if style == "latentqa":
+        if len(layers) > 1:
+            raise ValueError(f"reading several layers at once ({layers}) needs prompt_style='oracle'")
         msgs = [{"role": "user", "content": _SENT[SLOTS]}, {"role": "assistant", "content": _SENT[ACK]},
                 {"role": "user", "content": _SENT[QUESTION]}]
     elif style == "oracle":
-        msgs = [{"role": "user", "content": f"Layer: {layer}\n{_SENT[SLOTS]}\n{_SENT[QUESTION]}"}]
+        runs = "".join(f"Layer: {L}\n\x00lit-{slots_kind(i)}\x00\n" for i, L in enumerate(layers))
+        msgs = [{"role": "user", "content": runs + _SENT[QUESTION]}]
     else:
         raise ValueError(f"prompt_style={style!r}; expected 'latentqa' or 'oracle'")
     return msgs + ([{"role": "assistant", "content": _SENT[ANSWER]}] if with_answer else [])
@@ -177,18 +195,20 @@ class DecoderFormat:
         text, pid = resolve_placeholder(tokenizer, cfg.placeholder_token)
         fmt = cls(cfg.prompt_style, text, pid, cfg.acknowledgement.strip(), bool(cfg.train_on_acknowledgement),
                   tokenizer, special_ids(tokenizer))
-        fmt.answer_cut(int(cfg.read_layers[0]))  # validate the template now, not at the first example
-        fmt.check_natural(int(cfg.read_layers[0]))
+        layer = tuple(cfg.read_layers) if cfg.get("read_all_layers", False) else int(cfg.read_layers[0])
+        fmt.answer_cut(layer)  # validate the template now, not at the first example
+        fmt.check_natural(layer)
         return fmt
 
-    def pieces(self, layer: int) -> tuple[str, ...]:
+    def pieces(self, layer: int | Sequence[int]) -> tuple[str, ...]:
         """The rendered training dialog split at its parts: glue, kind, glue, kind, ..., glue."""
-        key = ("pieces", layer)
+        key = ("pieces", as_layers(layer))
         if key not in self._cache:
             msgs = decoder_messages(self.style, self.acknowledgement, layer, True)
             pieces = tuple(_SPLIT.split(render(self.tokenizer, msgs, False)))
             kinds = list(pieces[1::2])
-            want = [SLOTS, ACK, QUESTION, ANSWER] if self.style == "latentqa" else [SLOTS, QUESTION, ANSWER]
+            runs = [slots_kind(i) for i in range(len(as_layers(layer)))]
+            want = [SLOTS, ACK, QUESTION, ANSWER] if self.style == "latentqa" else [*runs, QUESTION, ANSWER]
             if kinds != want:
                 raise TemplateError(f"the chat template reorders or drops decoder parts: got {kinds}, expected {want}")
             if any(self.placeholder in glue for glue in pieces[::2]):
@@ -197,9 +217,10 @@ class DecoderFormat:
             self._cache[key] = pieces
         return self._cache[key]
 
-    def fill(self, layer: int, num_slots: int, question: str, answer: str) -> Filled:
-        values = {SLOTS: self.placeholder * num_slots, ACK: self.acknowledgement, QUESTION: question,
-                  ANSWER: answer}
+    def fill(self, layer: int | Sequence[int], num_slots: int, question: str, answer: str) -> Filled:
+        """The decoder text of one example (num_slots placeholders per layer run) and its parts' spans."""
+        values = {ACK: self.acknowledgement, QUESTION: question, ANSWER: answer}
+        values.update({slots_kind(i): self.placeholder * num_slots for i in range(len(as_layers(layer)))})
         out, spans, n = [], {}, 0
         for i, piece in enumerate(self.pieces(layer)):
             if i % 2:
@@ -209,12 +230,12 @@ class DecoderFormat:
             n += len(piece)
         return Filled("".join(out), spans)
 
-    def answer_cut(self, layer: int) -> int:
+    def answer_cut(self, layer: int | Sequence[int]) -> int:
         """How many characters before the answer the generation prompt ends: 0, or the length of
         the whitespace the template writes before the answer when the tokenizer folds it into the
         answer's first token. Probed once per layer; raises TemplateError if neither works or no
         special end-of-turn token follows the answer."""
-        key = ("cut", layer)
+        key = ("cut", as_layers(layer))
         if key not in self._cache:
             glue = self.pieces(layer)[-3]  # the glue before the answer (pieces end: ..., glue, ANSWER, glue)
             space = len(glue) - len(glue.rstrip())
@@ -243,8 +264,8 @@ class DecoderFormat:
 
     def examples(self, items: Sequence[tuple[int, str, str, int]]
                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
-        """For each (num_slots, question, answer, layer): (decoder_tokens int32 [T], write_positions
-        int32 [S], loss_mask bool [T]), or a string saying why the example cannot be built. Two
+        """For each (num_slots, question, answer, layer or layers): (decoder_tokens int32 [T],
+        write_positions int32 [runs * S], loss_mask bool [T]), or a string saying why the example cannot be built. Two
         batched tokenizer calls (full texts, prompts)."""
         filled = [self.fill(layer, s, q, a) for s, q, a, layer in items]
         cuts = [f.spans[ANSWER][0] - self.answer_cut(layer) for f, (_, _, _, layer) in zip(filled, items)]
@@ -252,7 +273,7 @@ class DecoderFormat:
         prompts = _encode_with_offsets(self.tokenizer, [f.text[:c] for f, c in zip(filled, cuts)])
         out: list = []
         for (s, _, _, _), f, cut, (ids, off), (p_ids, p_off) in zip(items, filled, cuts, full, prompts):
-            write = self._slots(p_ids, p_off, f.spans[SLOTS], s)
+            write = self._slots(p_ids, p_off, f.spans, s)
             b = _boundary(off, cut)
             eot = self._end_of_turn(ids, off, f.spans[ANSWER][1])
             if isinstance(write, str) or b is None or eot is None:
@@ -273,20 +294,24 @@ class DecoderFormat:
             out.append((tokens, write, loss))
         return out
 
-    def _slots(self, ids: np.ndarray, offsets: np.ndarray, span: tuple[int, int], num_slots: int
-               ) -> np.ndarray | str:
-        at = np.flatnonzero((offsets[:, 1] > span[0]) & (offsets[:, 0] < span[1])).astype(np.int32)
-        if len(at) != num_slots or (ids[at] != self.placeholder_id).any():
-            return (f"{num_slots} placeholders {self.placeholder!r} tokenize to {len(at)} tokens in the template, "
-                    "not one each; set data.placeholder_token to a special token")
-        return at
+    def _slots(self, ids: np.ndarray, offsets: np.ndarray, spans: dict, num_slots: int) -> np.ndarray | str:
+        """Write positions int32 [runs * S]: each placeholder run's tokens, in run (= layer) order."""
+        out = []
+        for run in range(sum(k.startswith(SLOTS) for k in spans)):
+            lo, hi = spans[slots_kind(run)]
+            at = np.flatnonzero((offsets[:, 1] > lo) & (offsets[:, 0] < hi)).astype(np.int32)
+            if len(at) != num_slots or (ids[at] != self.placeholder_id).any():
+                return (f"{num_slots} placeholders {self.placeholder!r} tokenize to {len(at)} tokens in the "
+                        "template, not one each; set data.placeholder_token to a special token")
+            out.append(at)
+        return np.concatenate(out)
 
     def _warn_once(self, message: str) -> None:
         if not self._cache.get(("warned", message)):
             self._cache[("warned", message)] = True
             log.warning(message)
 
-    def example(self, num_slots: int, question: str, answer: str, layer: int
+    def example(self, num_slots: int, question: str, answer: str, layer: int | Sequence[int]
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(decoder_tokens [T], write_positions [S], loss_mask [T]) for one example; ValueError if it cannot be built."""
         [ex] = self.examples([(num_slots, question, answer, layer)])
@@ -294,17 +319,17 @@ class DecoderFormat:
             raise ValueError(ex)
         return ex
 
-    def prompt(self, num_slots: int, question: str, layer: int) -> DecoderPrompt:
+    def prompt(self, num_slots: int, question: str, layer: int | Sequence[int]) -> DecoderPrompt:
         """The decoder prompt for generation: slots, question, the template up to where the answer begins."""
         f = self.fill(layer, num_slots, question, "")
         cut = f.spans[ANSWER][0] - self.answer_cut(layer)
         [(ids, off)] = _encode_with_offsets(self.tokenizer, [f.text[:cut]])
-        write = self._slots(ids, off, f.spans[SLOTS], num_slots)
+        write = self._slots(ids, off, f.spans, num_slots)
         if isinstance(write, str):
             raise TemplateError(write)
         return DecoderPrompt(ids, write, len(ids))
 
-    def check_natural(self, layer: int, question: str = _PROBE_QUESTION, answer: str = _PROBE_ANSWERS[0]) -> bool:
+    def check_natural(self, layer: int | Sequence[int], question: str = _PROBE_QUESTION, answer: str = _PROBE_ANSWERS[0]) -> bool:
         """Whether an example's tokens are exactly those of tokenizing its whole text (up to the
         answer's end-of-turn token); warns if not. They differ only where the generation prompt
         tokenizes differently alone than inside the longer text; training then uses the prompt's
@@ -322,18 +347,20 @@ class DecoderFormat:
     @property
     def end_of_turn_id(self) -> int:
         """The token that ends the assistant answer (stop token for generation)."""
-        layer = next((k[1] for k in self._cache if k[0] == "pieces"), 0)
+        layer = next((k[1] for k in self._cache if k[0] == "pieces"), (0,))
         tokens, _, _ = self.example(3, _PROBE_QUESTION, _PROBE_ANSWERS[0], layer)
         return int(tokens[-1])
 
 
-def decoder_prompt(tokenizer: Any, data_cfg: Any, question: str, num_slots: int, layer: int | None = None,
-                   fmt: DecoderFormat | None = None) -> DecoderPrompt:
-    """Decoder token ids + write positions (+ generation start) for a new question about S activations."""
+def decoder_prompt(tokenizer: Any, data_cfg: Any, question: str, num_slots: int,
+                   layer: int | Sequence[int] | None = None, fmt: DecoderFormat | None = None) -> DecoderPrompt:
+    """Decoder token ids + write positions (+ generation start) for a new question about S
+    activations per layer read (write positions: S per layer, in layer order)."""
     if num_slots <= 0:
         raise ValueError(f"num_slots={num_slots}: there must be at least one activation to write")
     fmt = fmt or DecoderFormat.create(tokenizer, data_cfg)
-    layer = int(data_cfg.read_layers[0]) if layer is None else int(layer)
+    if layer is None:
+        layer = tuple(data_cfg.read_layers) if data_cfg.get("read_all_layers", False) else data_cfg.read_layers[0]
     p = fmt.prompt(num_slots, question.strip(), layer)
-    assert len(p.write_positions) == num_slots
+    assert len(p.write_positions) == num_slots * len(as_layers(layer))
     return p

@@ -36,8 +36,12 @@ def read_key(r: Record) -> tuple:
 
 
 def tokenize_records(records: Sequence[Record], tokenizer: Any, fmt: DecoderFormat, read_layers: Sequence[int],
-                     bad: BadRecords, seed: int = 0) -> list[dict[str, Any]]:
+                     bad: BadRecords, seed: int = 0, all_layers: bool = False) -> list[dict[str, Any]]:
     """Examples for the records that tokenize cleanly (bad ones are reported to `bad`).
+
+    One read layer per example (sampled from read_layers), or with all_layers every layer,
+    one placeholder run each: read_positions then repeat per layer and slot_layers [runs * S]
+    says which layer each slot reads.
 
     Each distinct read is rendered and tokenized once and its arrays shared (never mutated).
     """
@@ -56,8 +60,10 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, fmt: DecoderForm
             kept.append(r)
     keys = [k for k, v in reads.items() if not isinstance(v, TemplateError)]
     tokenized = dict(zip(keys, tokenize_reads(tokenizer, [reads[k] for k in keys])))
-    layers = pick_layers(len(kept), read_layers, seed)
-    kept = [(r, int(layer)) for r, layer in zip(kept, layers)]
+    if all_layers:
+        kept = [(r, tuple(int(x) for x in read_layers)) for r in kept]
+    else:
+        kept = [(r, int(layer)) for r, layer in zip(kept, pick_layers(len(kept), read_layers, seed))]
     empty = [(r, layer) for r, layer in kept if tokenized[read_key(r)][1].size == 0]
     for r, _ in empty:
         bad.report(r.source, r.index, "the read span holds no tokens")
@@ -70,10 +76,13 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, fmt: DecoderForm
             continue
         read_tokens, read_positions = tokenized[read_key(r)]
         decoder_tokens, write_positions, loss_mask = ex
+        layers = np.asarray(layer if all_layers else (layer,), np.int32)
+        read_positions = np.tile(read_positions, len(layers))
         assert len(write_positions) == len(read_positions), "decoder slots != read activations"
         out.append({
             "read_tokens": read_tokens, "read_positions": read_positions, "decoder_tokens": decoder_tokens,
-            "write_positions": write_positions, "loss_mask": loss_mask, "read_layer": np.int32(layer),
+            "write_positions": write_positions, "loss_mask": loss_mask, "read_layer": layers[0],
+            "slot_layers": np.repeat(layers, len(read_positions) // len(layers)),
             "label": r.label, "source": r.source, "record_index": np.int32(r.index), "question": r.question,
             "answer": r.answer, "read": json.dumps(r.read_description(), ensure_ascii=False),
         })

@@ -227,7 +227,8 @@ def _pack_row(rows: dict[str, np.ndarray], examples: list[int]) -> dict:
         slots = np.flatnonzero(rows["slot_mask"][i])
         for s in slots:  # a written position is keyed by the activation written there
             w = int(rows["write_positions"][i, s])
-            keys[w] = (keys[w], int(read_paths[j][rows["read_positions"][i, s]]), int(rows["read_layer"][i]))
+            layer = rows["slot_layers"][i, s] if "slot_layers" in rows else rows["read_layer"][i]
+            keys[w] = (keys[w], int(read_paths[j][rows["read_positions"][i, s]]), int(layer))
         decoder.insert(keys)
     dec_keys, dec_depth, dec_end, dec_paths = decoder.layout()
 

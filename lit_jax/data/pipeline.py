@@ -35,7 +35,7 @@ from lit_jax.data.records import Record
 from lit_jax.data.storage import SPLITS, ExampleSource, is_prepared, read_tfds, write_tfds
 from lit_jax.padding import round_up
 
-PIPELINE_VERSION = 4  # bump when the tokenization rules change: old tfds stores are then not reused
+PIPELINE_VERSION = 5  # bump when the tokenization rules change: old tfds stores are then not reused
 # Settings that do not change the prepared examples (batching and storage only).
 NOT_CONTENT = ("batch_size", "shuffle_seed", "storage", "tfds_dir", "train_drop_remainder", "data_dir", "group_by_read")
 
@@ -114,7 +114,8 @@ def prepare_examples(data_cfg: ConfigDict, tokenizer: Any) -> tuple[dict[str, li
                              data_cfg.split_seed)
     fmt = DecoderFormat.create(tokenizer, data_cfg)
     examples = {s: tokenize_records(records[s], tokenizer, fmt, data_cfg.read_layers, bad,
-                                    seed=data_cfg.split_seed + i) for i, s in enumerate(SPLITS)}
+                                    seed=data_cfg.split_seed + i, all_layers=data_cfg.get("read_all_layers", False))
+                for i, s in enumerate(SPLITS)}
     buckets, examples = fit_buckets(examples, data_cfg, bad)
     bad.warn()
     meta = {

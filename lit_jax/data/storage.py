@@ -105,6 +105,7 @@ def _features():
     return tfds.features.FeaturesDict({
         "read_tokens": seq(np.int32), "read_positions": seq(np.int32), "decoder_tokens": seq(np.int32),
         "write_positions": seq(np.int32), "loss_mask": seq(np.bool_), "read_layer": np.int32,
+        "slot_layers": seq(np.int32),
         "example_id": np.int32, "record_index": np.int32, "label": tfds.features.Text(),
         "source": tfds.features.Text(), "question": tfds.features.Text(), "answer": tfds.features.Text(),
         "read": tfds.features.Text(),

@@ -117,24 +117,27 @@ class Reader:
             raise ValueError(f"{len(reads)} reads but {len(questions)} questions")
         if not reads:
             return []
-        layer = self._layer(layer)
+        layers = self._layers(layer)
         tokens, valid = pad_batch([r[0] for r in reads], self.pad_id, side="right")
-        num_slots = round_up(max(len(r[1]) for r in reads), 8)  # bucket the slot count too
+        num_slots = round_up(max(len(r[1]) for r in reads) * len(layers), 8)  # bucket the slot count too
         read_positions = np.zeros((len(reads), num_slots), np.int32)
+        slot_layers = np.full((len(reads), num_slots), layers[0], np.int32)
         slot_mask = np.zeros((len(reads), num_slots), bool)
         prompts, write_positions = [], np.zeros((len(reads), num_slots), np.int32)
         for i, ((_, pos), q) in enumerate(zip(reads, questions)):
             if len(pos) == 0:
                 raise ValueError(f"read {i} has an empty read span")
-            read_positions[i, : len(pos)] = pos
-            slot_mask[i, : len(pos)] = True
-            p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos), layer=layer,
-                               fmt=self.decoder_format)
+            n = len(pos) * len(layers)  # one placeholder run per layer, in layer order
+            read_positions[i, :n] = np.tile(pos, len(layers))
+            slot_layers[i, :n] = np.repeat(layers, len(pos))
+            slot_mask[i, :n] = True
+            p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos),
+                               layer=layers if len(layers) > 1 else layers[0], fmt=self.decoder_format)
             self._check_length(i, len(p.tokens) + self.sampling.max_new_tokens, "prompt + max_new_tokens")
             prompts.append(p.tokens)
-            write_positions[i, : len(pos)] = p.write_positions
+            write_positions[i, :n] = p.write_positions
         prompt_tokens, prompt_valid = pad_batch(prompts, self.pad_id, side="right")
-        slots = Slots(read_positions, np.full_like(read_positions, layer), write_positions, slot_mask)
+        slots = Slots(read_positions, slot_layers, write_positions, slot_mask)
         out, lengths = answer_tokens(
             self.trainable, self.base, chains(tokens, valid), slots, jnp.asarray(prompt_tokens),
             jnp.asarray(prompt_valid), jax.random.key(seed), cfg=self.cfg, lcfg=self.lcfg,
@@ -151,7 +154,8 @@ class Reader:
         generating. Raises ValueError as `ask` does, and for a question with no candidates."""
         if not (len(reads) == len(questions) == len(candidates)):
             raise ValueError(f"{len(reads)} reads, {len(questions)} questions, {len(candidates)} candidate lists")
-        layer = self._layer(layer)
+        layers = self._layers(layer)
+        layer = layers if len(layers) > 1 else layers[0]
         items, owner = [], []
         for i, ((tokens, pos), q, cands) in enumerate(zip(reads, questions, candidates)):
             if len(pos) == 0:
@@ -168,8 +172,9 @@ class Reader:
                 raise ValueError(f"candidate {c!r} for question {i}: {ex}")
             tokens, write, loss = ex
             self._check_length(i, len(tokens), f"decoder sequence with candidate {c!r}")
-            examples.append({"read_tokens": reads[i][0], "read_positions": reads[i][1], "decoder_tokens": tokens,
-                             "write_positions": write, "loss_mask": loss, "read_layer": layer})
+            examples.append({"read_tokens": reads[i][0], "read_positions": np.tile(reads[i][1], len(layers)),
+                             "decoder_tokens": tokens, "write_positions": write, "loss_mask": loss,
+                             "read_layer": layers[0], "slot_layers": np.repeat(layers, len(reads[i][1]))})
         out = np.zeros(len(examples), np.float32)
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo: lo + batch_size]
@@ -177,8 +182,8 @@ class Reader:
                       round_up(max(len(e["read_positions"]) for e in chunk), 8),
                       round_up(max(len(e["decoder_tokens"]) for e in chunk), 16))
             targets = round_up(max(int(e["loss_mask"].sum()) for e in chunk), 8)
-            rows = collate(chunk + [None] * (batch_size - len(chunk)), range(batch_size), bucket, self.pad_id, layer,
-                           targets)
+            rows = collate(chunk + [None] * (batch_size - len(chunk)), range(batch_size), bucket, self.pad_id,
+                           layers[0], targets)
             lp = answer_logprobs(self.trainable, self.base, plain_batch(rows), cfg=self.cfg, lcfg=self.lcfg)
             out[lo: lo + len(chunk)] = np.asarray(lp)[: len(chunk)]
         owner = np.asarray(owner)
@@ -190,8 +195,20 @@ class Reader:
             raise ValueError(f"question {i}: its {what} is {n} decoder tokens, more than data.max_decoder_tokens="
                              f"{limit}; shorten the question (or the read span: one slot per read token)")
 
-    def _layer(self, layer: int | None) -> int:
-        layer = self.lcfg.read_layers[0] if layer is None else int(layer)
-        if layer not in self.lcfg.read_layers:
-            raise ValueError(f"layer {layer} was not trained; trained read layers: {self.lcfg.read_layers}")
-        return layer
+    def _layers(self, layer: int | Sequence[int] | None) -> tuple[int, ...]:
+        """The layer(s) one read is read at. A decoder trained on one layer per example reads one
+        of its trained layers (default: the first); one trained on all its layers at once
+        (data.read_all_layers) reads exactly those (default). ValueError otherwise."""
+        trained = tuple(self.lcfg.read_layers)
+        if self.data_cfg.get("read_all_layers", False):
+            if layer is not None and tuple(np.atleast_1d(layer).tolist()) != trained:
+                raise ValueError(f"layer {layer}: this decoder was trained to read all of {trained} at once; "
+                                 "read those (the default)")
+            return trained
+        layer = trained[0] if layer is None else layer
+        if not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layer {layer}: this decoder was trained on one layer per example; give one of "
+                             f"{trained}")
+        if int(layer) not in trained:
+            raise ValueError(f"layer {layer} was not trained; trained read layers: {trained}")
+        return (int(layer),)
