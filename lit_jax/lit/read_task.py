@@ -60,8 +60,13 @@ def read_requests(r: ConfigDict) -> list[dict[str, Any]]:
              "question": q, "answer": None} for q in r.questions]
 
 
-def _shorten(read: Any, width: int = 60) -> str:
-    text = read if isinstance(read, str) else " | ".join(f"{t['role']}: {t['content']}" for t in read)
+def _shorten(read: Any, width: int = 60, first: int = 0) -> str:
+    """A one-line view of a read; turns before `first` (masked, not read) shown as such."""
+    if isinstance(read, str):
+        text = read
+    else:
+        masked = f"[{first} masked turn(s): {', '.join(t['role'] for t in read[:first])}] " if first else ""
+        text = masked + " | ".join(f"{t['role']}: {t['content']}" for t in read[first:])
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -85,7 +90,8 @@ def run_read(config: ConfigDict, workdir: str) -> list[dict]:
             (single, decoder.tokenizer.decode([int(single[0][single[1][0]])]))
             for single in each_token(read, r.each_token_last)]
         for one, token in units:
-            rows.append({"read": q["read"], "question": q["question"], "true_answer": q["answer"], "token": token,
+            rows.append({"read": q["read"], "read_from_turn": q["read_from_turn"] if not isinstance(q["read"], str)
+                         else None, "question": q["question"], "true_answer": q["answer"], "token": token,
                          "_read": one})
     for lo in range(0, len(rows), r.batch_size):
         chunk = rows[lo: lo + r.batch_size]
@@ -112,7 +118,8 @@ def run_read(config: ConfigDict, workdir: str) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     for i, c in enumerate(rows):
-        print(f"\n[{i}] read:     {_shorten(c['read'], 100)}" + (f"   token: {c['token']!r}" if c["token"] else ""))
+        print(f"\n[{i}] read:     {_shorten(c['read'], 100, c.get('read_from_turn') or 0)}"
+              + (f"   token: {c['token']!r}" if c["token"] else ""))
         print(f"    question: {c['question']}\n    answer:   {c['answer']}")
         if c.get("true_answer"):
             print(f"    true:     {c['true_answer']}")
