@@ -281,6 +281,8 @@ def test_steering_layers_out_of_range_are_refused(decoder):
         C.control_spec(decoder, _small(method="vectors", layers=(1, 1)))
     with pytest.raises(ValueError, match=r"control.read_layer=3: the decoder was trained on layers \(2,\)"):
         C.control_spec(decoder, _small(method="vectors", read_layer=3))
+    with pytest.raises(ValueError, match=r"control.layers=\(1,\) is for method=vectors; method=lora adapts 0..2"):
+        C.control_spec(decoder, _small(method="lora", layers=(1,)))
     with pytest.raises(ValueError, match="control.method='steer'"):
         C.ControlConfig(method="steer")
     with pytest.raises(ValueError, match=r"steering layer\(s\) \[4\] outside the model's blocks \[0, 4\)"):
