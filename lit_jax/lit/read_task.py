@@ -75,7 +75,7 @@ def run_read(config: ConfigDict, workdir: str) -> list[dict]:
     if not config.decoder:
         raise ValueError("--config.decoder is empty: give the work dir of a `lit` run")
     requests = read_requests(r)  # bad input fails before the model loads
-    decoder = load_decoder(config.decoder, step=None if config.step < 0 else int(config.step),
+    decoder = load_decoder(config.decoder, step=None if config.decoder_step < 0 else int(config.decoder_step),
                            target=config.target or None)
     reader = decoder.reader(SamplingConfig(r.max_new_tokens, r.temperature, r.top_k))
     layer = None if r.layer < 0 else int(r.layer)
