@@ -112,7 +112,7 @@ def test_reads_dolly_and_alpaca_records(tmp_path):
 
 
 def test_gradient_matches_finite_differences(decoder, prompts):
-    spec = C.control_spec(decoder, _small(method="vectors", layers=(0, 1), penalty=0.5))
+    spec = C.control_spec(decoder, _small(method="vectors", layers=(0, 1), vector_penalty=0.5))
     batch = _batch(decoder, spec, prompts[0][:2], QA)
     scales = jnp.asarray([0.2, 0.25], jnp.float32)
     read_scale = jnp.asarray(0.3, jnp.float32)
@@ -147,7 +147,9 @@ def test_vectors_lower_the_decoder_loss_within_the_budget(vector_result):
 
 
 def test_target_lora_per_layer_lowers_every_layers_loss(decoder, prompts):
-    result = C.optimize_control(decoder, QA, *prompts, _small(method="lora", per_layer=True), progress=False)
+    # no penalty: on a random decoder the answer loss barely moves, and the shift penalty would pin it
+    result = C.optimize_control(decoder, QA, *prompts, _small(method="lora", per_layer=True, lora_penalty=0.0),
+                                progress=False)
     assert result.spec.layers == (0, 1, 2)
     before, after = result.before["train"], result.after["train"]
     assert len(after["loss_per_layer"]) == 3
