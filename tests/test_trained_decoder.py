@@ -40,7 +40,7 @@ def workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
     r = subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
                         "--config.train.steps=4", "--config.train.checkpoint_every=2", "--config.demo.num_examples=0",
-                        "--config.train.eval_examples=4"],
+                        "--config.train.eval_examples=4", f"--config.export.hf_dir={workdir}/export"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     return workdir
@@ -69,8 +69,19 @@ def test_load_latest_and_given_step(workdir, decoder):
                               np.asarray(decoder.trainable["lora"]["q"]["b"]))
     with pytest.raises(ValueError, match=r"step 3 was not saved .* saved steps: \[2, 4\]"):
         load_decoder(str(workdir), step=3)
-    with pytest.raises(FileNotFoundError, match="no lit_run.json"):
+    with pytest.raises(FileNotFoundError, match="has no lit_run.json"):
         load_decoder(str(workdir / "checkpoints"))
+
+
+def test_load_from_the_export(workdir, decoder, reader):
+    exported = load_decoder(str(workdir / "export"))
+    assert exported.lcfg.lora is None and exported.step == 4  # the merged decoder runs on its own weights
+    read = _reads(decoder.tokenizer)[0]
+    cands = [["A pirate.", "Yes"]]
+    np.testing.assert_allclose(exported.reader().score([read], [QUESTIONS[0]], cands)[0],
+                               reader.score([read], [QUESTIONS[0]], cands)[0], rtol=1e-3)
+    assert exported.reader(SamplingConfig(max_new_tokens=6)).ask([read], QUESTIONS[:1]) == reader.ask([read],
+                                                                                                      QUESTIONS[:1])
 
 
 def test_target_must_be_the_trained_model(workdir, decoder, tmp_path):

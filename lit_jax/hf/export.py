@@ -51,8 +51,12 @@ def export_hf(
     tokenizer: Any = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    extra_files: dict[str, Any] | None = None,
 ) -> str:
-    """Writes params (merge any LoRA first, see lora.merge_lora) as an HF checkpoint at `out_dir`."""
+    """Writes params (merge any LoRA first, see lora.merge_lora) as an HF checkpoint at `out_dir`.
+
+    extra_files: {file name: writer(path)} called inside the temporary directory, so they land
+    with the checkpoint in the same atomic rename (e.g. a LIT decoder's settings sidecar)."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
@@ -65,6 +69,8 @@ def export_hf(
         _write_shards(params, cfg, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, write in (extra_files or {}).items():
+            write(os.path.join(tmp, name))
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "x"))

@@ -25,7 +25,7 @@ from lit_jax.lit.config import LitConfig
 from lit_jax.lit.loss import decoder_weights
 from lit_jax.lit.read import Reader
 from lit_jax.lit.train import TrainConfig, train
-from lit_jax.lit.trained import save_run_settings
+from lit_jax.lit.trained import PROJECTION_FILE, RUN_FILE, export_sidecar, save_run_settings
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
 from lit_jax.models.lora import merge_lora
@@ -166,8 +166,10 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
         if lora is not None:
             decoder = merge_lora(base, lora.params, lcfg.lora, cfg)
         summary["export"] = export_hf(jax.device_get(decoder), cfg, export.hf_dir, tokenizer=tokenizer,
-                                      overwrite=export.overwrite)
-        print(f"decoder exported to {summary['export']} (projection params stay in the checkpoint)", flush=True)
+                                      overwrite=export.overwrite,
+                                      extra_files=export_sidecar(config, tokenizer, state.params["proj"], tcfg.steps))
+        print(f"decoder exported to {summary['export']} (with {RUN_FILE} and {PROJECTION_FILE}: "
+              "lit_jax.load_decoder loads it)", flush=True)
 
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:

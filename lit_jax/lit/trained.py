@@ -14,6 +14,7 @@ the same model (architecture, shapes, tokenizer) or are refused naming the diffe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -32,6 +33,7 @@ from lit_jax.settings import lit_from_section
 
 RUN_FILE = "lit_run.json"
 RUN_FILE_VERSION = 1
+PROJECTION_FILE = "projection.safetensors"
 
 
 class DecoderMismatchError(ValueError):
@@ -70,14 +72,33 @@ def _atomic_json(path: str, value: Any) -> None:
         raise
 
 
-def save_run_settings(workdir: str, config: ConfigDict, tokenizer: Any) -> str:
-    """Writes `workdir/lit_run.json` (atomically): the run's whole config and tokenizer fingerprint."""
+def _run_file_content(config: ConfigDict, tokenizer: Any, **extra: Any) -> dict:
     from lit_jax.data.pipeline import tokenizer_fingerprint
 
+    return {"version": RUN_FILE_VERSION, "config": config.to_dict(), "tokenizer": tokenizer_fingerprint(tokenizer),
+            **extra}
+
+
+def save_run_settings(workdir: str, config: ConfigDict, tokenizer: Any) -> str:
+    """Writes `workdir/lit_run.json` (atomically): the run's whole config and tokenizer fingerprint."""
     path = os.path.join(workdir, RUN_FILE)
-    _atomic_json(path, {"version": RUN_FILE_VERSION, "config": config.to_dict(),
-                        "tokenizer": tokenizer_fingerprint(tokenizer)})
+    _atomic_json(path, _run_file_content(config, tokenizer))
     return path
+
+
+def export_sidecar(config: ConfigDict, tokenizer: Any, proj: dict, step: int) -> dict:
+    """The files an HF export of a decoder carries so load_decoder can use it (lit_jax.hf.export_hf
+    extra_files): lit_run.json (as a work dir's, plus the step) and the projection's weights."""
+    from safetensors.numpy import save_file
+
+    def settings(path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(_run_file_content(config, tokenizer, exported_step=int(step)), f, indent=2, default=str)
+
+    def projection(path: str) -> None:
+        save_file({k: np.asarray(v, np.float32) for k, v in jax.device_get(proj).items()}, path)
+
+    return {RUN_FILE: settings, PROJECTION_FILE: projection}
 
 
 def _run_settings(path: str) -> dict:
@@ -85,8 +106,8 @@ def _run_settings(path: str) -> dict:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"decoder {path!r} does not exist")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path} is not a lit work dir: it has no {RUN_FILE} (a `lit` run writes one before "
-                                "training)")
+        raise FileNotFoundError(f"{path} is not a lit work dir or decoder export: it has no {RUN_FILE} (a `lit` "
+                                "run writes one before training, and into its export)")
     with open(file, encoding="utf-8") as f:
         settings = json.load(f)
     if settings.get("version") != RUN_FILE_VERSION or "config" not in settings:
@@ -123,7 +144,9 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
                  dtype: str | None = None) -> TrainedDecoder:
     """The decoder a `lit` run trained, from its work dir.
 
-    path: the run's work dir (holding lit_run.json and checkpoints/). step: a saved step
+    path: the run's work dir (holding lit_run.json and checkpoints/), or a directory its
+    export wrote (an HF checkpoint of the merged decoder with lit_run.json and the
+    projection; the decoder then runs on its own weights). step: a saved step
     (default: the latest). target: other weights for the target (default: the run's
     model.source); dtype: override the run's model.dtype. Raises FileNotFoundError (no such
     dir, no lit_run.json, no checkpoint), ValueError naming the available steps for a step
@@ -134,6 +157,8 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
 
     path = os.path.abspath(path)
     settings = _run_settings(path)
+    if os.path.isfile(os.path.join(path, PROJECTION_FILE)):
+        return _load_export(path, settings, target=target, dtype=dtype)
     config = ConfigDict(settings["config"])
     if target is not None:
         config.model.source = target
@@ -164,3 +189,32 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
     data_meta(config.data, tokenizer)  # the placeholder resolves as in training (ValueError otherwise)
     return TrainedDecoder(cfg, lcfg, jax.device_put(base), jax.device_put(trainable), tokenizer, config.data,
                           int(step), path)
+
+
+def _load_export(path: str, settings: dict, *, target: str | None, dtype: str | None) -> TrainedDecoder:
+    """A decoder from its HF export: the target from the run's model.source (or `target`), the
+    decoder's merged weights and projection from `path`."""
+    from safetensors.numpy import load_file
+
+    from lit_jax.data.pipeline import tokenizer_fingerprint
+    from lit_jax.hf import load_params
+    from lit_jax.lit.job import data_meta, load_model
+    from lit_jax.settings import model_run_options
+
+    config = ConfigDict(settings["config"])
+    if target is not None:
+        config.model.source = target
+    if dtype is not None:
+        config.model.dtype = dtype
+    lcfg = lit_from_section(config.lit, config.data.read_layers)
+    cfg, base, tokenizer = load_model(config.model, int(config.seed))
+    dec_cfg, dec_params = load_params(path, **model_run_options(config.model))
+    _check_target(config_meta(dec_cfg, lcfg), config_meta(cfg, lcfg), settings.get("tokenizer"),
+                  tokenizer_fingerprint(tokenizer), path)
+    lcfg = dataclasses.replace(lcfg, lora=None)  # the export holds the decoder's own (merged) weights
+    proj = {k: np.asarray(v, np.float32) for k, v in load_file(os.path.join(path, PROJECTION_FILE)).items()}
+    config.data.read_layers = tuple(int(x) for x in config.data.read_layers)
+    data_meta(config.data, tokenizer)
+    trainable = {"proj": proj, "decoder": dec_params}
+    return TrainedDecoder(cfg, lcfg, jax.device_put(base), jax.device_put(trainable), tokenizer, config.data,
+                          int(settings.get("exported_step", -1)), path)
