@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from lit_jax.atomic_dir import write_directory
 from lit_jax.hf.convert import params_to_hf
 from lit_jax.models.config import ModelConfig, to_hf_dict
 
@@ -57,13 +56,7 @@ def export_hf(
 
     extra_files: {file name: writer(path)} called inside the temporary directory, so they land
     with the checkpoint in the same atomic rename (e.g. a LIT decoder's settings sidecar)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    def fill(tmp: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(to_hf_dict(cfg), f, indent=2)
         _write_shards(params, cfg, tmp, max_shard_bytes)
@@ -71,14 +64,5 @@ def export_hf(
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
             write(os.path.join(tmp, name))
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_directory(out_dir, fill, overwrite=overwrite)

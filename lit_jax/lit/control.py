@@ -39,8 +39,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -48,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lit_jax.atomic_dir import write_directory
 from lit_jax.data import DecoderFormat, plain_batch, tokenize_read
 from lit_jax.data.batch import LitBatch
 from lit_jax.data.batching import collate
@@ -658,30 +657,8 @@ def steering_tensors(result: ControlResult) -> dict[str, np.ndarray]:
 
 
 def _write_dir_atomically(directory: str, files: dict[str, Any]) -> None:
-    """Writes {name: bytes-writer} into a fresh sibling directory, then swaps it in for `directory`
-    (an existing one is replaced only once the new one is complete)."""
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        for name, write in files.items():
-            write(os.path.join(tmp, name))
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-        old = None
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Writes {name: writer(path)} as `directory`, all or nothing (lit_jax.atomic_dir)."""
+    write_directory(directory, lambda tmp: [write(os.path.join(tmp, name)) for name, write in files.items()])
 
 
 def save_steering(directory: str, result: ControlResult, extra: dict | None = None) -> str:
