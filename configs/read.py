@@ -6,7 +6,7 @@
         --config.read.dialog='[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi!"}]' \
         --config.read.read_from_turn=1 --config.read.questions='("What persona will the assistant adopt?",)'
 
-Input records use the training JSONL format (README, "Your own data"); `label` and `answer`
+Input records use the training JSONL format (README, "Bring your own data"); `label` and `answer`
 are optional (a given answer is shown as the true one). Prints a table and writes JSONL
 (default <decoder>/reads.jsonl).
 """
