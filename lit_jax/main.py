@@ -63,7 +63,22 @@ def run_control(config, workdir: str) -> dict:
     return job(config, workdir)
 
 
-TASKS = {"lit": run_lit, "chat": run_chat, "read": run_read, "control": run_control}
+def run_export(config, workdir: str) -> dict:
+    """Write a trained decoder as an HF PEFT adapter and/or merged HF model (lit/export.py)."""
+    from lit_jax.lit.export import run_export as task
+
+    return task(config, workdir)
+
+
+def run_evaluate(config, workdir: str) -> dict:
+    """Evaluate a trained decoder with its controls: tables and plots (lit_jax/eval/harness.py)."""
+    from lit_jax.eval.harness import run_evaluate as task
+
+    return task(config, workdir)
+
+
+TASKS = {"lit": run_lit, "chat": run_chat, "read": run_read, "control": run_control, "export": run_export,
+         "evaluate": run_evaluate}
 
 
 def main(argv) -> None:

@@ -48,9 +48,13 @@ class DemoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """hf_dir: "" = no export; else the merged decoder as an HF checkpoint there."""
+    """hf_dir: "" = no export; else the merged decoder as an HF checkpoint there.
+    peft_dir: "" = no export; else the decoder as an HF PEFT LoRA adapter there (adapter_config.json,
+    adapter_model.safetensors) with lit_config.json and projection.safetensors (lit/peft_decoder.py).
+    overwrite: replace a non-empty existing directory (else the export is refused)."""
 
     hf_dir: str = ""
+    peft_dir: str = ""
     overwrite: bool = False
 
 
@@ -115,6 +119,16 @@ def lit_from_section(lit: Mapping[str, Any], read_layers) -> LitConfig:
     lora_values = {field: values.pop(flat) for flat, field in _LORA_FIELDS.items()}
     lora = None if values.pop("full_finetune") else LoraConfig(**{**lora_values, "targets": tuple(lora_values["targets"])})
     return LitConfig(read_layers=tuple(int(x) for x in read_layers), lora=lora, **values)
+
+
+def lit_section_of(lcfg: LitConfig) -> ConfigDict:
+    """The `lit` section that lit_from_section turns back into `lcfg` (given its read_layers)."""
+    lora = lcfg.lora or LoraConfig()
+    values = {k: getattr(lcfg, k) for k in lit_section().keys() if hasattr(lcfg, k) and k != "full_finetune"}
+    values.update({flat: getattr(lora, field) for flat, field in _LORA_FIELDS.items()},
+                  full_finetune=lcfg.lora is None)
+    values["lora_targets"] = tuple(values["lora_targets"])
+    return ConfigDict(values)
 
 
 def train_section() -> ConfigDict:

@@ -40,7 +40,8 @@ def workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
     r = subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
                         "--config.train.steps=4", "--config.train.checkpoint_every=2", "--config.demo.num_examples=0",
-                        "--config.train.eval_examples=4", f"--config.export.hf_dir={workdir}/export"],
+                        "--config.train.eval_examples=4", f"--config.export.hf_dir={workdir}/export",
+                        f"--config.export.peft_dir={workdir}/peft"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     return workdir
@@ -82,6 +83,26 @@ def test_load_from_the_export(workdir, decoder, reader):
                                reader.score([read], [QUESTIONS[0]], cands)[0], rtol=1e-3)
     assert exported.reader(SamplingConfig(max_new_tokens=6)).ask([read], QUESTIONS[:1]) == reader.ask([read],
                                                                                                       QUESTIONS[:1])
+
+
+def test_load_from_the_peft_export(workdir, decoder, reader, tmp_path):
+    """The `lit` job's PEFT export (export.peft_dir), and the `export` task's from a work dir at a given step."""
+    exported = load_decoder(str(workdir / "peft"))
+    assert exported.lcfg == decoder.lcfg and exported.step == 4
+    read = _reads(decoder.tokenizer)[0]
+    cands = [["A pirate.", "Yes"]]
+    np.testing.assert_allclose(exported.reader().score([read], [QUESTIONS[0]], cands)[0],
+                               reader.score([read], [QUESTIONS[0]], cands)[0], rtol=1e-6)
+    assert exported.reader(SamplingConfig(max_new_tokens=6)).ask([read], QUESTIONS[:1]) == reader.ask([read],
+                                                                                                      QUESTIONS[:1])
+    r = subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/export.py", f"--config.decoder={workdir}",
+                        "--config.decoder_step=2", f"--config.export.peft_dir={tmp_path / 'step2'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    step2, earlier = load_decoder(str(tmp_path / "step2")), load_decoder(str(workdir), step=2)
+    assert step2.step == 2
+    np.testing.assert_array_equal(np.asarray(step2.trainable["lora"]["q"]["b"]),
+                                  np.asarray(earlier.trainable["lora"]["q"]["b"]))
 
 
 def test_target_must_be_the_trained_model(workdir, decoder, tmp_path):

@@ -18,17 +18,17 @@ from ml_collections import ConfigDict
 from lit_jax import sharding as shd
 from lit_jax.data import build_splits, make_batch_iterator, make_eval_iterator, resolve_placeholder
 from lit_jax.generate import SamplingConfig
-from lit_jax.hf import export_hf, load_params, load_tokenizer
+from lit_jax.hf import load_params, load_tokenizer
 from lit_jax.hf.smollm2 import resolve_model_path
 from lit_jax.lit.checkpoint import config_meta
 from lit_jax.lit.config import LitConfig
-from lit_jax.lit.loss import decoder_weights
+from lit_jax.lit.export import CLI_OVERWRITE, export_decoder
+from lit_jax.lit.peft_decoder import FullFinetuneExportError, check_out_dir
 from lit_jax.lit.read import Reader
 from lit_jax.lit.train import TrainConfig, train
-from lit_jax.lit.trained import PROJECTION_FILE, RUN_FILE, export_sidecar, save_run_settings
+from lit_jax.lit.trained import TrainedDecoder, save_run_settings
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
-from lit_jax.models.lora import merge_lora
 from lit_jax.settings import (DemoConfig, ExportConfig, MeshConfig, from_section, lit_from_section, model_run_options,
                               train_from_config)
 
@@ -114,11 +114,23 @@ def print_demo(rows: list[dict]) -> None:
               f"  decoded:  {r['decoded']}", flush=True)
 
 
+def check_export(export: ExportConfig, lcfg: LitConfig) -> None:
+    """Refuses, before any training, an export the end of the run could not write: a non-empty
+    directory without export.overwrite (FileExistsError), a PEFT adapter of a full fine-tune (ValueError)."""
+    if export.peft_dir and lcfg.full_finetune:
+        raise FullFinetuneExportError("config.export.peft_dir: a full fine-tune (lit.full_finetune=True) cannot be a "
+                                      "LoRA adapter; export the merged model instead (--config.export.hf_dir)")
+    for d in (export.peft_dir, export.hf_dir):
+        if d:
+            check_out_dir(d, export.overwrite, CLI_OVERWRITE)
+
+
 def run_lit(config: ConfigDict, workdir: str) -> dict:
     # Every section becomes its settings dataclass first: an unknown field fails before any work.
     lcfg, tcfg = lit_config(config), train_config(config)
     mesh_cfg = from_section(MeshConfig, config.mesh, "mesh")
     demo, export = from_section(DemoConfig, config.demo, "demo"), from_section(ExportConfig, config.export, "export")
+    check_export(export, lcfg)
     shd.maybe_initialize_distributed(mesh_cfg.distributed)
     os.makedirs(workdir, exist_ok=True)
     cfg, base, tokenizer = load_model(config.model, config.seed)
@@ -161,15 +173,15 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
         summary["demo"] = run_demo(reader, heldout, demo)
         print_demo(summary["demo"])
 
-    if export.hf_dir and jax.process_index() == 0:
-        decoder, lora = decoder_weights(state.params, base, cfg, lcfg)
-        if lora is not None:
-            decoder = merge_lora(base, lora.params, lcfg.lora, cfg)
-        summary["export"] = export_hf(jax.device_get(decoder), cfg, export.hf_dir, tokenizer=tokenizer,
-                                      overwrite=export.overwrite,
-                                      extra_files=export_sidecar(config, tokenizer, state.params["proj"], tcfg.steps))
-        print(f"decoder exported to {summary['export']} (with {RUN_FILE} and {PROJECTION_FILE}: "
-              "lit_jax.load_decoder loads it)", flush=True)
+    if (export.hf_dir or export.peft_dir) and jax.process_index() == 0:
+        trained = TrainedDecoder(cfg, lcfg, base, jax.device_get(state.params), tokenizer, config.data, tcfg.steps,
+                                 os.path.abspath(workdir), config)
+        written = export_decoder(trained, peft_dir=export.peft_dir, hf_dir=export.hf_dir, overwrite=export.overwrite,
+                                 flag=CLI_OVERWRITE)
+        if "hf" in written:
+            summary["export"] = written["hf"]
+        if "peft" in written:
+            summary["export_peft"] = written["peft"]
 
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -52,6 +52,9 @@ class TrainedDecoder(NamedTuple):
     data_cfg: ConfigDict  # prompt_style, placeholder_token, acknowledgement, read_layers, ...
     step: int
     path: str
+    # The whole config it was trained with (lit_run.json's; model.source is the base it runs on), or
+    # for an imported PEFT adapter the equivalent (model, seed, data, lit): what exports write.
+    config: ConfigDict | None = None
 
     def reader(self, sampling: SamplingConfig = SamplingConfig(max_new_tokens=48)):
         from lit_jax.lit.read import Reader
@@ -144,18 +147,27 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
                  dtype: str | None = None) -> TrainedDecoder:
     """The decoder a `lit` run trained, from its work dir.
 
-    path: the run's work dir (holding lit_run.json and checkpoints/), or a directory its
+    path: the run's work dir (holding lit_run.json and checkpoints/), a directory its
     export wrote (an HF checkpoint of the merged decoder with lit_run.json and the
-    projection; the decoder then runs on its own weights). step: a saved step
-    (default: the latest). target: other weights for the target (default: the run's
+    projection; the decoder then runs on its own weights), or a PEFT adapter directory
+    written by lit_jax.lit.peft_decoder.export_peft (adapter_config.json + lit_config.json;
+    the base model runs with the adapters). step: a saved step (default: the latest; an
+    export holds one). target: other weights for the target (default: the run's
     model.source); dtype: override the run's model.dtype. Raises FileNotFoundError (no such
-    dir, no lit_run.json, no checkpoint), ValueError naming the available steps for a step
+    dir, no lit_run.json, no checkpoint; a PEFT adapter without lit_config.json, which
+    import_peft_adapter takes), ValueError naming the available steps for a step
     that was not saved, DecoderMismatchError naming each architecture/shape/tokenizer field
-    where the target differs from what the decoder was trained on.
+    where the target differs from what the decoder was trained on; for a PEFT adapter
+    directory, as lit_jax.lit.peft_decoder.load_peft_decoder.
     """
     from lit_jax.lit.job import data_meta, load_model
 
     path = os.path.abspath(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, RUN_FILE)):
+        from lit_jax.lit.peft_decoder import is_peft_dir, load_peft_decoder
+
+        if is_peft_dir(path):
+            return load_peft_decoder(path, step=step, target=target, dtype=dtype)
     settings = _run_settings(path)
     if os.path.isfile(os.path.join(path, PROJECTION_FILE)):
         return _load_export(path, settings, target=target, dtype=dtype)
@@ -188,7 +200,7 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
     config.data.read_layers = tuple(int(x) for x in config.data.read_layers)
     data_meta(config.data, tokenizer)  # the placeholder resolves as in training (ValueError otherwise)
     return TrainedDecoder(cfg, lcfg, jax.device_put(base), jax.device_put(trainable), tokenizer, config.data,
-                          int(step), path)
+                          int(step), path, config)
 
 
 def _load_export(path: str, settings: dict, *, target: str | None, dtype: str | None) -> TrainedDecoder:
@@ -217,4 +229,4 @@ def _load_export(path: str, settings: dict, *, target: str | None, dtype: str | 
     data_meta(config.data, tokenizer)
     trainable = {"proj": proj, "decoder": dec_params}
     return TrainedDecoder(cfg, lcfg, jax.device_put(base), jax.device_put(trainable), tokenizer, config.data,
-                          int(settings.get("exported_step", -1)), path)
+                          int(settings.get("exported_step", -1)), path, config)
