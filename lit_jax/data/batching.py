@@ -157,3 +157,31 @@ def collate(examples: Sequence[dict[str, Any] | None], example_ids: Sequence[int
         batch["example_id"][row] = eid
     batch["target_positions"], batch["target_mask"] = target_positions(batch["loss_mask"], num_targets)
     return batch
+
+
+def fit_bucket(examples: Sequence[dict[str, Any]], multiples: tuple[int, int, int, int] = (16, 8, 16, 8)
+               ) -> tuple[int, int, int, int]:
+    """The smallest (R, S, T, P) holding every example: each length rounded up to its multiple
+    (bucket_length: never 0, so a row without slots or targets still has a shape).
+    Raises ValueError for no examples."""
+    if not examples:
+        raise ValueError("no examples to fit a bucket to")
+    from lit_jax.padding import bucket_length
+
+    r, s, t, p = multiples
+    return (bucket_length(max(len(e["read_tokens"]) for e in examples), r),
+            bucket_length(max(len(e["read_positions"]) for e in examples), s),
+            bucket_length(max(len(e["decoder_tokens"]) for e in examples), t),
+            bucket_length(max(int(np.sum(e["loss_mask"])) for e in examples), p))
+
+
+def fixed_rows(examples: Sequence[dict[str, Any]], rows: int, bucket: tuple[int, int, int, int], pad_id: int,
+               default_layer: int) -> dict[str, np.ndarray]:
+    """`examples` collated into a [rows, ...] batch of `bucket`'s (R, S, T, P) shape; rows past the
+    examples are dummy rows without targets. One shape per (rows, bucket): a jitted function
+    fed these compiles once per bucket. Raises ValueError for more examples than rows or one
+    that does not fit."""
+    if len(examples) > rows:
+        raise ValueError(f"{len(examples)} examples for a batch of {rows} rows")
+    padded = list(examples) + [None] * (rows - len(examples))
+    return collate(padded, range(rows), tuple(bucket[:3]), pad_id, default_layer, bucket[3])

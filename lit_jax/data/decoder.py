@@ -217,10 +217,14 @@ class DecoderFormat:
             self._cache[key] = pieces
         return self._cache[key]
 
-    def fill(self, layer: int | Sequence[int], num_slots: int, question: str, answer: str) -> Filled:
-        """The decoder text of one example (num_slots placeholders per layer run) and its parts' spans."""
+    def fill(self, layer: int | Sequence[int], num_slots: int, question: str, answer: str,
+             slot_text: str | None = None) -> Filled:
+        """The decoder text of one example (num_slots placeholders per layer run) and its parts' spans.
+        slot_text: this text in place of each placeholder run instead (the text-only control:
+        the decoder reads the text itself, no activation is written)."""
         values = {ACK: self.acknowledgement, QUESTION: question, ANSWER: answer}
-        values.update({slots_kind(i): self.placeholder * num_slots for i in range(len(as_layers(layer)))})
+        run = self.placeholder * num_slots if slot_text is None else slot_text
+        values.update({slots_kind(i): run for i in range(len(as_layers(layer)))})
         out, spans, n = [], {}, 0
         for i, piece in enumerate(self.pieces(layer)):
             if i % 2:
@@ -262,18 +266,20 @@ class DecoderFormat:
         hits = [j for j in np.flatnonzero(offsets[:, 0] >= after).tolist() if int(ids[j]) in specials]
         return hits[0] if hits else None
 
-    def examples(self, items: Sequence[tuple[int, str, str, int]]
+    def examples(self, items: Sequence[tuple[int, str, str, int]], slot_texts: Sequence[str | None] | None = None
                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
         """For each (num_slots, question, answer, layer or layers): (decoder_tokens int32 [T],
         write_positions int32 [runs * S], loss_mask bool [T]), or a string saying why the example cannot be built. Two
-        batched tokenizer calls (full texts, prompts)."""
-        filled = [self.fill(layer, s, q, a) for s, q, a, layer in items]
+        batched tokenizer calls (full texts, prompts). slot_texts[i] (not None): that text in
+        place of item i's placeholders and no write positions (see `fill`)."""
+        texts = list(slot_texts) if slot_texts is not None else [None] * len(items)
+        filled = [self.fill(layer, s, q, a, t) for (s, q, a, layer), t in zip(items, texts)]
         cuts = [f.spans[ANSWER][0] - self.answer_cut(layer) for f, (_, _, _, layer) in zip(filled, items)]
         full = _encode_with_offsets(self.tokenizer, [f.text for f in filled])
         prompts = _encode_with_offsets(self.tokenizer, [f.text[:c] for f, c in zip(filled, cuts)])
         out: list = []
-        for (s, _, _, _), f, cut, (ids, off), (p_ids, p_off) in zip(items, filled, cuts, full, prompts):
-            write = self._slots(p_ids, p_off, f.spans, s)
+        for (s, _, _, _), f, cut, (ids, off), (p_ids, p_off), t in zip(items, filled, cuts, full, prompts, texts):
+            write = self._slots(p_ids, p_off, f.spans, s) if t is None else np.zeros(0, np.int32)
             b = _boundary(off, cut)
             eot = self._end_of_turn(ids, off, f.spans[ANSWER][1])
             if isinstance(write, str) or b is None or eot is None:
@@ -319,11 +325,15 @@ class DecoderFormat:
             raise ValueError(ex)
         return ex
 
-    def prompt(self, num_slots: int, question: str, layer: int | Sequence[int]) -> DecoderPrompt:
-        """The decoder prompt for generation: slots, question, the template up to where the answer begins."""
-        f = self.fill(layer, num_slots, question, "")
+    def prompt(self, num_slots: int, question: str, layer: int | Sequence[int], slot_text: str | None = None
+               ) -> DecoderPrompt:
+        """The decoder prompt for generation: slots, question, the template up to where the answer
+        begins. slot_text: the text-only form (see `fill`; no write positions)."""
+        f = self.fill(layer, num_slots, question, "", slot_text)
         cut = f.spans[ANSWER][0] - self.answer_cut(layer)
         [(ids, off)] = _encode_with_offsets(self.tokenizer, [f.text[:cut]])
+        if slot_text is not None:
+            return DecoderPrompt(ids, np.zeros(0, np.int32), len(ids))
         write = self._slots(ids, off, f.spans, num_slots)
         if isinstance(write, str):
             raise TemplateError(write)

@@ -49,7 +49,7 @@ import optax
 from lit_jax.atomic_dir import write_directory
 from lit_jax.data import DecoderFormat, plain_batch, tokenize_read
 from lit_jax.data.batch import LitBatch
-from lit_jax.data.batching import collate
+from lit_jax.data.batching import fit_bucket, fixed_rows
 from lit_jax.data.errors import DataError
 from lit_jax.lit.config import LitConfig
 from lit_jax.lit.cross_entropy import token_nll
@@ -307,20 +307,13 @@ class Bucket(NamedTuple):
 
 def bucket_for(examples: Sequence[dict], rows: int) -> Bucket:
     """The smallest Bucket (lengths rounded up to 16 / 8) that holds every example."""
-    return Bucket(round_up(max(len(e["read_tokens"]) for e in examples), 16),
-                  round_up(max(len(e["read_positions"]) for e in examples), 8),
-                  round_up(max(len(e["decoder_tokens"]) for e in examples), 16),
-                  round_up(max(int(e["loss_mask"].sum()) for e in examples), 8), rows)
+    return Bucket(*fit_bucket(examples), rows)
 
 
 def make_batch(examples: Sequence[dict], bucket: Bucket, pad_id: int, layer: int) -> LitBatch:
     """A plain LitBatch of `bucket`'s shape (missing rows: dummy rows without targets).
     Raises ValueError for more examples than rows or one that does not fit."""
-    if len(examples) > bucket.rows:
-        raise ValueError(f"{len(examples)} examples for a batch of {bucket.rows} rows")
-    padded = list(examples) + [None] * (bucket.rows - len(examples))
-    rows = collate(padded, range(bucket.rows), bucket[:3], pad_id, layer, bucket.targets)
-    return plain_batch(rows)
+    return plain_batch(fixed_rows(examples, bucket.rows, bucket[:4], pad_id, layer))
 
 
 # ----------------------------------------------------------------------------- the loss

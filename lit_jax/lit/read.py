@@ -15,14 +15,14 @@ compiled function per (batch, read length, slot count, prompt length) bucket.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lit_jax.data import DecoderFormat, Slots, TokenTree, chains, decoder_prompt, plain_batch
-from lit_jax.data.batching import collate
+from lit_jax.data.batching import fit_bucket, fixed_rows
 from lit_jax.data.batch import LitBatch
 from lit_jax.generate import SamplingConfig, end_token_ids, generate_tokens
 from lit_jax.lit.config import LitConfig
@@ -44,11 +44,22 @@ def answer_tokens(trainable, base, read: TokenTree, slots: Slots, prompt_tokens,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg"))
-def answer_logprobs(trainable, base, batch: LitBatch, *, cfg: ModelConfig, lcfg: LitConfig) -> jax.Array:
-    """Log-probability [B] float32 of each row's targets (its answer tokens and end-of-turn token,
-    the tokens the training loss covers): minus the row's summed training cross-entropy."""
-    nll, _ = target_nll(trainable, base, batch, cfg, lcfg)
-    return -jnp.sum(nll * batch.targets.mask.astype(jnp.float32), axis=-1)
+def answer_stats(trainable, base, batch: LitBatch, *, cfg: ModelConfig, lcfg: LitConfig
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row float32 [B]: the log-probability of its targets (its answer tokens and end-of-turn
+    token, the tokens the training loss covers: minus the row's summed training cross-entropy),
+    the number of targets, and how many of them are the decoder's argmax."""
+    nll, hit = target_nll(trainable, base, batch, cfg, lcfg)
+    w = batch.targets.mask.astype(jnp.float32)
+    return -jnp.sum(nll * w, axis=-1), jnp.sum(w, axis=-1), jnp.sum(hit * w, axis=-1)
+
+
+class ExampleScores(NamedTuple):
+    """Per example float32 [N]: log-probability of its targets (natural log), target count, argmax hits."""
+
+    logprob: np.ndarray
+    tokens: np.ndarray
+    correct: np.ndarray
 
 
 Read = tuple  # (read_tokens int32 [R], read_positions int32 [S]) from lit_jax.data.tokenize_read
@@ -99,19 +110,20 @@ class Reader:
         return self._eos_ids
 
     def ask(self, reads: Sequence[tuple[np.ndarray, np.ndarray]], questions: Sequence[str], *,
-            layer: int | None = None, seed: int = 0) -> list[str]:
+            layer: int | None = None, seed: int = 0, text_only: bool = False) -> list[str]:
         """One answer (text) per (read, question) pair; see `ask_tokens`."""
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip()
-                for t in self.ask_tokens(reads, questions, layer=layer, seed=seed)]
+                for t in self.ask_tokens(reads, questions, layer=layer, seed=seed, text_only=text_only)]
 
     def ask_tokens(self, reads: Sequence[tuple[np.ndarray, np.ndarray]], questions: Sequence[str], *,
-                   layer: int | None = None, seed: int = 0) -> list[list[int]]:
+                   layer: int | None = None, seed: int = 0, text_only: bool = False) -> list[list[int]]:
         """One answer per (read, question) pair; a read is (read_tokens, read_positions) from tokenize_read.
 
         layer: the target layer read (default: the first trained one). Raises ValueError for
         a layer the decoder was not trained on, mismatched counts, or an empty read span;
         TemplateError when the chat template cannot give a decoder prompt. Each answer stops
-        at its end-of-turn token (see `eos_ids`).
+        at its end-of-turn token (see `eos_ids`). text_only: the control that shows the decoder
+        the read's text (`read_text`) in place of the placeholders and writes nothing.
         """
         if len(reads) != len(questions):
             raise ValueError(f"{len(reads)} reads but {len(questions)} questions")
@@ -119,7 +131,8 @@ class Reader:
             return []
         layers = self._layers(layer)
         tokens, valid = pad_batch([r[0] for r in reads], self.pad_id, side="right")
-        num_slots = round_up(max(len(r[1]) for r in reads) * len(layers), 8)  # bucket the slot count too
+        # bucket the slot count too (text-only writes nothing: the smallest bucket)
+        num_slots = 8 if text_only else round_up(max(len(r[1]) for r in reads) * len(layers), 8)
         read_positions = np.zeros((len(reads), num_slots), np.int32)
         slot_layers = np.full((len(reads), num_slots), layers[0], np.int32)
         slot_mask = np.zeros((len(reads), num_slots), bool)
@@ -127,12 +140,18 @@ class Reader:
         for i, ((_, pos), q) in enumerate(zip(reads, questions)):
             if len(pos) == 0:
                 raise ValueError(f"read {i} has an empty read span")
+            at = layers if len(layers) > 1 else layers[0]
+            if text_only:
+                p = self.decoder_format.prompt(len(pos), q.strip(), at, slot_text=self.read_text(reads[i]))
+                self._check_length(i, len(p.tokens) + self.sampling.max_new_tokens, "prompt + max_new_tokens")
+                prompts.append(p.tokens)
+                continue
             n = len(pos) * len(layers)  # one placeholder run per layer, in layer order
             read_positions[i, :n] = np.tile(pos, len(layers))
             slot_layers[i, :n] = np.repeat(layers, len(pos))
             slot_mask[i, :n] = True
-            p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos),
-                               layer=layers if len(layers) > 1 else layers[0], fmt=self.decoder_format)
+            p = decoder_prompt(self.tokenizer, self.data_cfg, q, num_slots=len(pos), layer=at,
+                               fmt=self.decoder_format)
             self._check_length(i, len(p.tokens) + self.sampling.max_new_tokens, "prompt + max_new_tokens")
             prompts.append(p.tokens)
             write_positions[i, :n] = p.write_positions
@@ -147,47 +166,74 @@ class Reader:
         return [out[i, : lengths[i]].tolist() for i in range(len(reads))]
 
     def score(self, reads: Sequence[Read], questions: Sequence[str], candidates: Sequence[Sequence[str]], *,
-              layer: int | None = None, batch_size: int = 16) -> list[np.ndarray]:
+              layer: int | None = None, batch_size: int = 16, text_only: bool = False) -> list[np.ndarray]:
         """For each (read, question), the log-probability (natural log) of each candidate answer,
         float32 [len(candidates[i])]: the decoder's probability of exactly that answer followed by
         its end-of-turn token (the targets training uses), so candidates can be ranked without
-        generating. Raises ValueError as `ask` does, and for a question with no candidates."""
+        generating. text_only: the control that shows the read's text instead of its activations.
+        Raises ValueError as `ask` does, and for a question with no candidates."""
         if not (len(reads) == len(questions) == len(candidates)):
             raise ValueError(f"{len(reads)} reads, {len(questions)} questions, {len(candidates)} candidate lists")
-        layers = self._layers(layer)
-        layer = layers if len(layers) > 1 else layers[0]
-        items, owner = [], []
-        for i, ((tokens, pos), q, cands) in enumerate(zip(reads, questions, candidates)):
-            if len(pos) == 0:
-                raise ValueError(f"read {i} has an empty read span")
+        for i, cands in enumerate(candidates):
             if not cands:
                 raise ValueError(f"question {i} has no candidate answers")
-            for c in cands:
-                items.append((len(pos), q.strip(), c.strip(), layer))
-                owner.append(i)
-        built = self.decoder_format.examples(items)
-        examples = []
-        for (s, q, c, _), ex, i in zip(items, built, owner):
+        owner = np.asarray([i for i, cands in enumerate(candidates) for _ in cands])
+        flat = [c for cands in candidates for c in cands]
+        examples = self.examples([reads[i] for i in owner], [questions[i] for i in owner], flat, layer=layer,
+                                 text_only=text_only)
+        logprob = self.score_examples(examples, batch_size=batch_size).logprob
+        return [logprob[owner == i] for i in range(len(reads))]
+
+    def read_text(self, read: Read) -> str:
+        """The text of a read's span (special tokens dropped): what the text-only control shows
+        the decoder in place of the activations."""
+        tokens, positions = read
+        return self.tokenizer.decode(np.asarray(tokens)[np.asarray(positions)], skip_special_tokens=True).strip()
+
+    def examples(self, reads: Sequence[Read], questions: Sequence[str], answers: Sequence[str], *,
+                 layer: int | Sequence[int] | None = None, text_only: bool = False) -> list[dict]:
+        """Decoder training examples (the dicts `collate` takes) for (read, question, answer) triples;
+        text_only: the read's text (`read_text`) in place of the placeholders and nothing written.
+        Raises ValueError as `ask` does, naming the example that cannot be built."""
+        if not (len(reads) == len(questions) == len(answers)):
+            raise ValueError(f"{len(reads)} reads, {len(questions)} questions, {len(answers)} answers")
+        layers = self._layers(layer)
+        at = layers if len(layers) > 1 else layers[0]
+        for i, (_, pos) in enumerate(reads):
+            if len(pos) == 0:
+                raise ValueError(f"read {i} has an empty read span")
+        texts = [self.read_text(r) for r in reads] if text_only else None
+        built = self.decoder_format.examples([(len(r[1]), q.strip(), a.strip(), at)
+                                              for r, q, a in zip(reads, questions, answers)], texts)
+        out = []
+        for i, ((tokens, pos), a, ex) in enumerate(zip(reads, answers, built)):
             if isinstance(ex, str):
-                raise ValueError(f"candidate {c!r} for question {i}: {ex}")
-            tokens, write, loss = ex
-            self._check_length(i, len(tokens), f"decoder sequence with candidate {c!r}")
-            examples.append({"read_tokens": reads[i][0], "read_positions": np.tile(reads[i][1], len(layers)),
-                             "decoder_tokens": tokens, "write_positions": write, "loss_mask": loss,
-                             "read_layer": layers[0], "slot_layers": np.repeat(layers, len(reads[i][1]))})
-        out = np.zeros(len(examples), np.float32)
-        for lo in range(0, len(examples), batch_size):
-            chunk = examples[lo: lo + batch_size]
-            bucket = (round_up(max(len(e["read_tokens"]) for e in chunk), 16),
-                      round_up(max(len(e["read_positions"]) for e in chunk), 8),
-                      round_up(max(len(e["decoder_tokens"]) for e in chunk), 16))
-            targets = round_up(max(int(e["loss_mask"].sum()) for e in chunk), 8)
-            rows = collate(chunk + [None] * (batch_size - len(chunk)), range(batch_size), bucket, self.pad_id,
-                           layers[0], targets)
-            lp = answer_logprobs(self.trainable, self.base, plain_batch(rows), cfg=self.cfg, lcfg=self.lcfg)
-            out[lo: lo + len(chunk)] = np.asarray(lp)[: len(chunk)]
-        owner = np.asarray(owner)
-        return [out[owner == i] for i in range(len(reads))]
+                raise ValueError(f"answer {a!r} for question {i}: {ex}")
+            dec, write, loss = ex
+            self._check_length(i, len(dec), f"decoder sequence with answer {a!r}")
+            n = 0 if text_only else len(pos)
+            out.append({"read_tokens": np.asarray(tokens), "read_positions": np.tile(pos, len(layers))[: n * len(layers)],
+                        "decoder_tokens": dec, "write_positions": write, "loss_mask": loss, "read_layer": layers[0],
+                        "slot_layers": np.repeat(layers, n)})
+        return out
+
+    def score_examples(self, examples: Sequence[dict], *, batch_size: int = 16,
+                       multiples: tuple[int, int, int, int] = (32, 8, 32, 8)) -> ExampleScores:
+        """Scores of decoder examples (from `examples`, or built elsewhere in the same form).
+        Sorted by length and cut into batches of `batch_size` rows, each padded to its lengths
+        rounded up to `multiples` (R, S, T, P): few shapes, so few compiles."""
+        n = len(examples)
+        out = ExampleScores(*(np.zeros(n, np.float32) for _ in range(3)))
+        order = sorted(range(n), key=lambda i: (len(examples[i]["decoder_tokens"]), len(examples[i]["read_tokens"])))
+        layer = int(self.lcfg.read_layers[0])
+        for lo in range(0, n, batch_size):
+            ids = order[lo: lo + batch_size]
+            chunk = [examples[i] for i in ids]
+            rows = fixed_rows(chunk, batch_size, fit_bucket(chunk, multiples), self.pad_id, layer)
+            stats = answer_stats(self.trainable, self.base, plain_batch(rows), cfg=self.cfg, lcfg=self.lcfg)
+            for dst, src in zip(out, stats):
+                dst[ids] = np.asarray(src)[: len(ids)]
+        return out
 
     def _check_length(self, i: int, n: int, what: str) -> None:
         limit = int(self.data_cfg.get("max_decoder_tokens", 0) or 0)
