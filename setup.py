@@ -29,6 +29,8 @@ setup(
         "absl-py",
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",  # the loss-curve PNG
+        "scikit-learn>=1.3",  # linear-probe baseline of the relations evaluation (lit_jax/eval/relations.py)
+        "threadpoolctl",  # (a scikit-learn dependency) one BLAS thread for the probe fits
     ],
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never needed at run time.
