@@ -127,6 +127,16 @@ def pack_batch(rows: dict[str, np.ndarray], num_rows: int = 1, multiple: int = 1
     return LitBatch(read=read, slots=slots, decoder=decoder, targets=targets, decoder_count=count)
 
 
+def target_examples(rows: dict[str, np.ndarray], num_rows: int = 1) -> list[np.ndarray]:
+    """Per packed row, the row index (into `rows`) of the example each packed target belongs to,
+    int32 [that row's target count]: the order `pack_batch(rows, num_rows)` writes its targets
+    (the row's examples in order, each one's loss_mask positions ascending), so per-example sums
+    of a packed row's target values are a bincount over these indices."""
+    real = [i for i in range(rows["decoder_tokens"].shape[0]) if rows["decoder_valid"][i].any()]
+    counts = np.asarray(rows["loss_mask"], bool).sum(axis=1)
+    return [np.repeat(np.asarray(g, np.int32), counts[g]).astype(np.int32) for g in _row_groups(real, num_rows)]
+
+
 class PackedSizes:
     """Padded sizes for packed batches: a few size levels per batch bucket.
 
