@@ -9,6 +9,7 @@ each section back strictly, so a field nothing reads is an error.
 from ml_collections import ConfigDict
 
 from lit_jax.data import default_data_config
+from lit_jax.eval.harness import EvalSettings
 from lit_jax.settings import DemoConfig, ExportConfig, MeshConfig, lit_section, model_section, section, train_section
 
 
@@ -23,4 +24,5 @@ def lit_config() -> ConfigDict:
     c.train = train_section()
     c.demo = section(DemoConfig)
     c.export = section(ExportConfig)
+    c.evaluate = section(EvalSettings, tasks=())  # the evaluation after training (lit_jax/eval); () = none
     return c

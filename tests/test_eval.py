@@ -211,15 +211,21 @@ def test_evaluate_task_end_to_end(workdir, tmp_path):
     out = tmp_path / "eval"
     r = subprocess.run([sys.executable, "-m", "lit_jax.main", "--config=configs/evaluate.py",
                         f"--config.decoder={workdir}", f"--config.out_dir={out}",
-                        "--config.evaluate.tasks=('latentqa','hidden_system','classification')",
+                        "--config.evaluate.tasks=('latentqa','hidden_system','classification','relations')",
                         "--config.evaluate.k=2", "--config.evaluate.latentqa_examples=6",
-                        "--config.evaluate.per_dataset=4",
+                        "--config.evaluate.per_dataset=4", "--config.evaluate.relation_examples=6",
+                        "--config.evaluate.probe_layers=(1,)",
                         "--config.evaluate.classification_datasets=('gmt_cities','gmt_larger_than')"],
                        cwd=ROOT, capture_output=True, text=True, timeout=1200, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    for task in ("latentqa", "hidden_system", "classification"):
+    for task in ("latentqa", "hidden_system", "classification", "relations"):
         assert set(results["tasks"][task]) >= {"trained", *controls.CONTROLS, "reference"}
+    rel = results["tasks"]["relations"]
+    assert rel["trained"]["accuracy"]["n"] == 6 and set(rel["baselines"]) == {
+        "linear_probe", "patchscope_identity", "patchscope_relation"}
+    assert [r["layer"] for r in rel["by_layer"]] == [1, 2]  # probe_layers + the read layer
+    assert (out / "relations_by_layer.png").exists() and (out / "classification_by_layer.png").exists()
     assert results["tasks"]["classification"]["unseen"] == ["gmt_cities", "gmt_larger_than"]
     assert results["tasks"]["latentqa"]["reference"]["multiple_choice"] == 0.5
     md = (out / "results.md").read_text()

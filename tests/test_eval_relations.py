@@ -298,11 +298,10 @@ class FakeReader:
         self.tokenizer, self.data_cfg, self.calls = tok, default_data_config(), []
         self.objects = {it.text: it.object for it in items}
 
-    def ask(self, reads, questions, layer=None):
+    def ask(self, reads, questions, layer=None, text_only=False):  # answers as text, as Reader.ask
         self.calls.append((reads, questions, layer))
         texts = [self.tokenizer.decode(r[0]) for r in reads]
-        return [self.tokenizer.encode(f"It is {self.objects[t]}." if i % 2 == 0 else "No idea")
-                for i, t in enumerate(texts)]
+        return [f"It is {self.objects[t]}." if i % 2 == 0 else "No idea" for i, t in enumerate(texts)]
 
 
 def test_decoder_relations_reads_and_asks_as_training(tok, small_items):

@@ -42,6 +42,7 @@ class ReadText(NamedTuple):
     start: int  # read span, as character offsets into text
     end: int
     add_special_tokens: bool  # plain text: the tokenizer's own BOS etc.; rendered chat: already in the text
+    last: int = 0  # > 0: only the last `last` tokens of the span are read
 
 
 def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -164,9 +165,15 @@ def read_text(tokenizer: Any, record: Record) -> ReadText:
     """The text the target reads and the character span of it whose activations are taken."""
     if record.text is not None:
         start, end = record.read_chars or (0, len(record.text))
-        return ReadText(record.text, start, end, True)
+        return ReadText(record.text, start, end, True, record.read_last)
     text, start = turn_start(tokenizer, record.messages, record.read_from_turn, record.generation_prompt)
-    return ReadText(text, start, len(text), False)
+    if not record.read_last:
+        return ReadText(text, start, len(text), False)
+    content = record.dialog[-1][1]  # the final turn's content, written verbatim (turn_start checked)
+    at = text.rfind(content, start)
+    if at < 0 or not content:
+        raise TemplateError("read_last: the final turn's content is not in the read span")
+    return ReadText(text, at, at + len(content), False, record.read_last)
 
 
 def span_positions(offsets: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -185,25 +192,28 @@ def tokenize_reads(tokenizer: Any, reads: Sequence[ReadText]) -> list[tuple[np.n
             continue
         enc = tokenizer([reads[i].text for i in idx], add_special_tokens=special, return_offsets_mapping=True)
         for j, i in enumerate(idx):
-            out[i] = (np.asarray(enc["input_ids"][j], np.int32),
-                      span_positions(np.asarray(enc["offset_mapping"][j]), reads[i].start, reads[i].end))
+            positions = span_positions(np.asarray(enc["offset_mapping"][j]), reads[i].start, reads[i].end)
+            out[i] = (np.asarray(enc["input_ids"][j], np.int32), positions[-reads[i].last:] if reads[i].last else positions)
     return out  # type: ignore[return-value]
 
 
 def tokenize_read(tokenizer: Any, dialog_or_text: Sequence[dict[str, str]] | str, *, read_from_turn: int = 0,
-                  generation_prompt: bool | None = None, read_chars: tuple[int, int] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  generation_prompt: bool | None = None, read_chars: tuple[int, int] | None = None,
+                  read_last: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(read_tokens, read_positions) for an arbitrary dialog (list of messages) or plain text.
 
-    For the reading API: the same rules as training records (see the module docstring).
+    For the reading API: the same rules as training records (see the module docstring);
+    read_last > 0: only the last read_last tokens of the final turn's content (or of the text's
+    read_chars span), as Record.read_last.
     """
     if isinstance(dialog_or_text, str):
-        record = Record(label="-", question="-", answer="-", text=dialog_or_text, read_chars=read_chars)
+        record = Record(label="-", question="-", answer="-", text=dialog_or_text, read_chars=read_chars,
+                        read_last=read_last)
     else:
         dialog = tuple((m["role"], m["content"].strip()) for m in dialog_or_text)
         gen = (bool(dialog) and dialog[-1][0] != "assistant") if generation_prompt is None else generation_prompt
         record = Record(label="-", question="-", answer="-", dialog=dialog, read_from_turn=read_from_turn,
-                        generation_prompt=gen)
+                        generation_prompt=gen, read_last=read_last)
     problem = check_record(record)
     if problem:
         raise ValueError(problem)

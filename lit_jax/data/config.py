@@ -47,8 +47,11 @@ def default_data_config() -> ConfigDict:
     c.sources = LATENTQA_CORPUS
     c.latentqa_qa = "latentqa/eval/qa.json"
     c.max_records_per_source = 0  # 0: all; else a seeded random subset of each file's records
+    c.max_records_by_source = ()  # ((glob, n), ...): per-file caps overriding it, e.g. (("classification/*", 200),)
     c.relations_label = "relation"  # or "relation_subject"
     c.relation_question = "Which {range} completes the text?"
+    c.classification_read = "text"  # or "user_turn": the Activation Oracles protocol (readers.py read_classification)
+    c.classification_tokens = 1  # user_turn: how many of the sentence's last tokens are read
     c.heldout_fraction = 0.1
     c.split_seed = 0
     c.prompt_style = "latentqa"
@@ -86,6 +89,13 @@ def check_data_config(c: ConfigDict) -> None:
         raise ValueError(f"data.on_bad_record={c.on_bad_record!r}; expected one of {ON_BAD_RECORD}")
     if c.relations_label not in ("relation", "relation_subject"):
         raise ValueError(f"data.relations_label={c.relations_label!r}; expected 'relation' or 'relation_subject'")
+    if c.get("classification_read", "text") not in ("text", "user_turn"):
+        raise ValueError(f"data.classification_read={c.classification_read!r}; expected 'text' or 'user_turn'")
+    if int(c.get("classification_tokens", 1)) < 1:
+        raise ValueError(f"data.classification_tokens={c.classification_tokens} must be at least 1")
+    for entry in c.get("max_records_by_source", ()):
+        if len(entry) != 2 or not isinstance(entry[0], str) or int(entry[1]) < 0:
+            raise ValueError(f"data.max_records_by_source entry {tuple(entry)} must be (glob, records >= 0)")
     if c.storage not in STORAGES:
         raise ValueError(f"data.storage={c.storage!r}; expected one of {STORAGES}")
     if not 0.0 <= c.heldout_fraction < 1.0:

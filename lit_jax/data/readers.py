@@ -82,7 +82,8 @@ def read_source(path: str, cfg: ConfigDict, bad: BadRecords, data_dir: str, qa: 
     if path.endswith(".jsonl"):
         return read_jsonl(path, bad, display)
     if path.endswith(".csv"):
-        return read_classification(path, bad, display)
+        return read_classification(path, bad, display, read=cfg.get("classification_read", "text"),
+                                   tokens=int(cfg.get("classification_tokens", 1)))
     if not path.endswith(".json"):
         raise DataError(f"{display}: unknown source type (expected .jsonl, .csv or .json)")
     if latentqa_kind(path):
@@ -109,13 +110,26 @@ def limit_records(records: list[Record], max_records: int, seed: int, name: str)
     return [r for r in records if r.index in keep]
 
 
+def record_limit(cfg: ConfigDict, name: str) -> int:
+    """The record cap of the file `name` (relative to data_dir): the first (glob, n) of
+    cfg.max_records_by_source whose glob matches it, else cfg.max_records_per_source (0: all).
+    Lets a mixture cap big task files without shrinking the LatentQA ones."""
+    import fnmatch
+
+    for pattern, n in cfg.get("max_records_by_source", ()):
+        if fnmatch.fnmatch(name, pattern):
+            return int(n)
+    return int(cfg.max_records_per_source)
+
+
 def read_all_sources(cfg: ConfigDict, data_dir: str, bad: BadRecords) -> list[tuple[str, list[Record]]]:
     """[(family, records of one file)] for every configured file, in config order."""
     qa: dict[str, QA] = {}
     out = []
     for path in expand_sources(cfg.sources, data_dir):
         records = read_source(path, cfg, bad, data_dir, qa)
-        records = limit_records(records, cfg.max_records_per_source, cfg.split_seed, display_name(path, data_dir))
+        name = display_name(path, data_dir)
+        records = limit_records(records, record_limit(cfg, name), cfg.split_seed, name)
         out.append((family(path), records))
     return out
 
@@ -286,8 +300,51 @@ TASKS: dict[str, Task] = {
 GENERIC = Task("statement", "label", TRUE, YES_NO_10)
 
 
-def read_classification(path: str, bad: BadRecords, display: str | None = None) -> list[Record]:
+class YesNo(NamedTuple):
+    """A dataset as yes/no questions (the Activation Oracles protocol): `question` is answered Yes
+    for the class values in `positive`, `negated` is answered Yes for the others."""
+
+    question: str
+    negated: str
+    positive: frozenset
+
+
+_TRUE_FALSE = YesNo(TRUE, "Is this statement false?", frozenset({"1"}))
+YES_NO: dict[str, YesNo] = {
+    "engels_21_headline_istrump": YesNo("Is this headline about Donald Trump?",
+                                        "Is this headline not about Donald Trump?", frozenset({"True"})),
+    "engels_22_headline_isobama": YesNo("Is this headline about Barack Obama?",
+                                        "Is this headline not about Barack Obama?", frozenset({"True"})),
+    "engels_23_headline_ischina": YesNo("Is this headline about China?", "Is this headline not about China?",
+                                        frozenset({"True"})),
+    "engels_5_hist_fig_ismale": YesNo("Is this historical figure a man?", "Is this historical figure a woman?",
+                                      frozenset({"1"})),
+    "gmt_cities": _TRUE_FALSE,
+    "gmt_companies_true_false": _TRUE_FALSE,
+    "gmt_larger_than": _TRUE_FALSE,
+    "gmt_smaller_than": _TRUE_FALSE,
+    "gmt_sp_en_trans": _TRUE_FALSE,
+    "singular_plural_singular_plural": YesNo("Does the sentence have a single subject?",
+                                             "Does the sentence have multiple subjects?", frozenset({"single"})),
+}
+CLASSIFICATION_READS = ("text", "user_turn")
+
+
+def yes_no_answer(yes_no: YesNo, value: str, negated: bool) -> str:
+    """The right answer ("Yes"/"No") to the question (or its negation) for a sentence of class `value`."""
+    return "Yes" if (value in yes_no.positive) != negated else "No"
+
+
+def read_classification(path: str, bad: BadRecords, display: str | None = None, *, read: str = "text",
+                        tokens: int = 1) -> list[Record]:
+    """Records of a classification CSV. read="text": the sentence as plain text, all of it read,
+    the task's question (TASKS). read="user_turn" (the Activation Oracles protocol): the sentence
+    as one user turn, only its last `tokens` tokens read (Record.read_last: ending at the token
+    before the end of turn); for a dataset in YES_NO, half the records (by a hash of the sentence)
+    ask the negated question, so Yes and No answers balance whatever the class balance."""
     display = display or path
+    if read not in CLASSIFICATION_READS:
+        raise ValueError(f"classification read={read!r}; expected one of {CLASSIFICATION_READS}")
     name = os.path.splitext(os.path.basename(path))[0]
     if not os.path.isfile(path):
         raise DataError(f"{display}: file not found")
@@ -316,6 +373,15 @@ def read_classification(path: str, bad: BadRecords, display: str | None = None) 
             allowed = "non-empty" if task.answers is None else f"one of {sorted(task.answers)}"
             bad.report(display, index, f"{task.class_column}={value!r} is not {allowed}")
             continue
-        records.append(Record(label=f"classification:{name}", question=task.question, answer=answer,
-                              text=text, source=display, index=index))
+        label, question = f"classification:{name}", task.question
+        if read == "text":
+            records.append(Record(label=label, question=question, answer=answer, text=text, source=display,
+                                  index=index))
+            continue
+        if name in YES_NO:
+            negated = zlib.crc32(text.encode()) % 2 == 1  # not the row's parity: files often alternate classes
+            question = YES_NO[name].negated if negated else YES_NO[name].question
+            answer = yes_no_answer(YES_NO[name], value, negated)
+        records.append(Record(label=label, question=question, answer=answer, dialog=(("user", text),),
+                              generation_prompt=False, read_last=tokens, source=display, index=index))
     return records

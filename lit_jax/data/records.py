@@ -9,7 +9,8 @@ JSONL (one record per line; see the README):
   {"label": str, "question": str, "answer": str,
    "dialog": [{"role": ..., "content": ...}, ...],   # a chat read ...
    "read_from_turn": int (default 0), "generation_prompt": bool (default: last role != "assistant"),
-   "text": str, "read_chars": [start, end]}          # ... or a plain-text read (exactly one of the two)
+   "text": str, "read_chars": [start, end],          # ... or a plain-text read (exactly one of the two)
+   "read_last": int (default 0)}                      # > 0: only the last n tokens of the read content
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any, Iterable, Iterator
 from lit_jax.data.errors import BadRecords, DataError
 
 ROLES = ("system", "user", "assistant")
-JSONL_FIELDS = {"label", "question", "answer", "dialog", "text", "read_from_turn", "generation_prompt", "read_chars"}
+JSONL_FIELDS = {"label", "question", "answer", "dialog", "text", "read_from_turn", "generation_prompt", "read_chars",
+                "read_last"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,10 @@ class Record:
     A chat read (`dialog`) reads turns `read_from_turn`.. to the end of the rendered dialog
     (role headers and end-of-turn markup included; plus the generation header when
     `generation_prompt`). A plain-text read (`text`) reads the tokens overlapping
-    `read_chars` (default: all of it). `source`/`index` say where it came from.
+    `read_chars` (default: all of it). read_last > 0 narrows the read to the last `read_last`
+    tokens of the content: of the final turn's content for a chat read (so not its end-of-turn
+    markup: Activation Oracles' "token before the end of turn"), of the read_chars span for a
+    plain-text read. `source`/`index` say where it came from.
     """
 
     label: str
@@ -43,6 +48,7 @@ class Record:
     generation_prompt: bool = True
     text: str | None = None
     read_chars: tuple[int, int] | None = None
+    read_last: int = 0
     source: str = ""
     index: int = -1
 
@@ -53,11 +59,14 @@ class Record:
     def read_description(self) -> dict[str, Any]:
         """The read part as JSON-able data (for printing and for the tfds store)."""
         if self.dialog is not None:
-            return {"dialog": self.messages, "read_from_turn": self.read_from_turn,
-                    "generation_prompt": self.generation_prompt}
-        d: dict[str, Any] = {"text": self.text}
-        if self.read_chars is not None:
-            d["read_chars"] = list(self.read_chars)
+            d: dict[str, Any] = {"dialog": self.messages, "read_from_turn": self.read_from_turn,
+                                 "generation_prompt": self.generation_prompt}
+        else:
+            d = {"text": self.text}
+            if self.read_chars is not None:
+                d["read_chars"] = list(self.read_chars)
+        if self.read_last:
+            d["read_last"] = self.read_last
         return d
 
 
@@ -66,6 +75,8 @@ def check_record(r: Record) -> str | None:
     for name in ("label", "question", "answer"):
         if not isinstance(getattr(r, name), str) or not getattr(r, name).strip():
             return f"field {name!r} is missing or empty"
+    if not isinstance(r.read_last, int) or r.read_last < 0:
+        return f"read_last={r.read_last!r} must be a non-negative integer (0: the whole read span)"
     if (r.dialog is None) == (r.text is None):
         return "exactly one of 'dialog' and 'text' must be given"
     if r.dialog is not None:
@@ -127,6 +138,7 @@ def parse_record(obj: Any, source: str = "", index: int = -1) -> Record:
         generation_prompt=bool(obj.get("generation_prompt", bool(dialog) and dialog[-1][0] != "assistant")),
         text=obj.get("text"),
         read_chars=tuple(int(c) for c in read_chars) if read_chars is not None else None,
+        read_last=obj.get("read_last", 0),
         source=source,
         index=index,
     )

@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lit_jax.data.readers import YES_NO
 from lit_jax.eval import classification as cls
 from lit_jax.eval import latentqa as lqa
+from lit_jax.eval import stats
 from lit_jax.eval.controls import CONTROLS, variants
 
 TASKS = ("latentqa", "hidden_system", "classification", "relations")
@@ -33,22 +35,29 @@ TASKS = ("latentqa", "hidden_system", "classification", "relations")
 class EvalSettings:
     """tasks: which of TASKS; controls: which of lit_jax.eval.controls.CONTROLS run beside the
     trained decoder. k: candidates per multiple-choice question. latentqa_examples: held-out
-    examples for the loss (and the pool multiple-choice groups are drawn from);
-    hidden_system_examples: system-prompt reads (0: all held out). classification_datasets:
+    examples for the loss; choice_groups: multiple-choice groups (of k held-out examples with
+    one question and k labels) drawn from all held-out examples;
+    hidden_system_examples: system-prompt reads (0: all held out), each tested with
+    hidden_system_pairs of its label's QA pairs. classification_datasets:
     () = every dataset with a yes/no task; per_dataset items each, reading the last
-    classification_tokens tokens of the sentence. relation_layers: layers for the probe and
-    Patchscope baselines (() = the decoder's read layers). generate: also score generated
+    classification_tokens tokens of the sentence. probe_layers: layers of the accuracy-vs-layer
+    plots (linear probes for relations and classification, Patchscope for relations; the
+    decoder's read layer is always one);
+    relation_examples: held-out relation items (0: all). generate: also score generated
     answers (classification, relations); off = likelihood scores only (faster)."""
 
     tasks: tuple[str, ...] = TASKS
     controls: tuple[str, ...] = CONTROLS
     k: int = 4
     latentqa_examples: int = 128
+    choice_groups: int = 24
     hidden_system_examples: int = 0
+    hidden_system_pairs: int = 2
     classification_datasets: tuple[str, ...] = ()
     per_dataset: int = 16
     classification_tokens: int = 1
-    relation_layers: tuple[int, ...] = ()
+    probe_layers: tuple[int, ...] = ()
+    relation_examples: int = 0
     batch_size: int = 16
     seed: int = 0
     generate: bool = True
@@ -63,13 +72,14 @@ class EvalSettings:
         bad = [c for c in self.controls if c not in CONTROLS]
         if bad:
             raise ValueError(f"evaluate.controls: unknown {bad}; choose from {CONTROLS}")
-        for name in ("k", "batch_size", "per_dataset", "classification_tokens"):
+        for name in ("k", "batch_size", "per_dataset", "classification_tokens", "hidden_system_pairs",
+                     "choice_groups"):
             if getattr(self, name) < (2 if name in ("k", "per_dataset") else 1):
                 raise ValueError(f"evaluate.{name}={getattr(self, name)} is too small")
-        unknown = [d for d in self.classification_datasets if d not in cls.YES_NO_TASKS]
+        unknown = [d for d in self.classification_datasets if d not in YES_NO]
         if unknown:
             raise ValueError(f"evaluate.classification_datasets: no yes/no task for {unknown}; "
-                             f"known: {sorted(cls.YES_NO_TASKS)}")
+                             f"known: {sorted(YES_NO)}")
 
 
 def trained_labels(data_cfg: Any) -> set[str]:
@@ -108,6 +118,8 @@ def evaluate_decoder(decoder, settings: EvalSettings = EvalSettings(), *, progre
             items = lqa.heldout_items(heldout, decoder.tokenizer, limit=s.latentqa_examples, seed=s.seed)
             pool = lqa.heldout_items(heldout, decoder.tokenizer, seed=s.seed)
             groups = lqa.make_groups(pool, s.k, same_question=True, seed=s.seed)
+            order = np.random.default_rng(s.seed).permutation(len(groups))[: s.choice_groups]
+            groups = [groups[i] for i in sorted(order)]
             for v in bar:
                 bar.set_postfix_str(v.name)
                 out[v.name] = {**lqa.answer_loss(v, items, batch_size=s.batch_size, seed=s.seed),
@@ -116,20 +128,20 @@ def evaluate_decoder(decoder, settings: EvalSettings = EvalSettings(), *, progre
             out["reference"] = {"multiple_choice": 1.0 / s.k}
             results["headline"][task] = "multiple_choice"
         elif task == "hidden_system":
-            items = lqa.heldout_items(heldout, decoder.tokenizer, contains=lqa.SYSTEM_SOURCE,
-                                      limit=s.hidden_system_examples, seed=s.seed)
-            items = _one_per_label(items)
-            groups = lqa.make_groups(items, s.k, same_question=False, seed=s.seed)
+            items = lqa.heldout_items(heldout, decoder.tokenizer, contains=lqa.SYSTEM_SOURCE, seed=s.seed)
+            labels = list(dict.fromkeys(it.label for it in items))  # seeded order (heldout_items)
+            if s.hidden_system_examples:
+                keep = set(labels[: s.hidden_system_examples])
+                items = [it for it in items if it.label in keep]
             for v in bar:
                 bar.set_postfix_str(v.name)
-                out[v.name] = {"accuracy": lqa.choice_task(v, items, groups, batch_size=s.batch_size,
-                                                           seed=s.seed)["accuracy"]}
+                out[v.name] = {"accuracy": lqa.hidden_system(v, items, s.k, pairs=s.hidden_system_pairs,
+                                                             batch_size=s.batch_size, seed=s.seed)["accuracy"]}
             out["reference"] = {"accuracy": 1.0 / s.k}
-            out["groups"] = len(groups)
             results["headline"][task] = "accuracy"
         elif task == "classification":
             out.update(_classification(decoder, runs, s, bar))
-            results["headline"][task] = "by_probability/unseen"
+            results["headline"][task] = "by_probability/unseen" if out["unseen"] else "by_probability/all"
         elif task == "relations":
             out.update(_relations(decoder, runs, s, bar))
             results["headline"][task] = "accuracy"
@@ -138,19 +150,10 @@ def evaluate_decoder(decoder, settings: EvalSettings = EvalSettings(), *, progre
     return results
 
 
-def _one_per_label(items: list) -> list:
-    seen, out = set(), []
-    for it in items:
-        if it.label not in seen:
-            seen.add(it.label)
-            out.append(it)
-    return out
-
-
 def _classification(decoder, runs, s: EvalSettings, bar) -> dict:
     from lit_jax.data.config import resolve_data_dir
 
-    names = list(s.classification_datasets or cls.YES_NO_TASKS)
+    names = list(s.classification_datasets or YES_NO)
     trained = trained_labels(decoder.data_cfg)
     seen = [n for n in names if f"classification:{n}" in trained]
     unseen = [n for n in names if n not in seen]
@@ -164,31 +167,94 @@ def _classification(decoder, runs, s: EvalSettings, bar) -> dict:
         for how in ("by_probability", "by_generation"):
             if how not in r:
                 continue
-            per = r[how]["datasets"]
-            entry[how] = {"all": r[how]["overall"], "datasets": per}
+            entry[how] = {"all": r[how]["overall"], "datasets": r[how]["datasets"]}
             for group, members in (("seen", seen), ("unseen", unseen)):
                 if members:
-                    mask = [it.dataset in members for it in items]
-                    credit = _credit(per, members, items, mask)
-                    entry[how][group] = credit
+                    mask = np.asarray([it.dataset in members for it in items])
+                    entry[how][group] = stats.accuracy(r[how]["correct"][mask])
         entry["examples"] = r.get("examples", [])
         out[v.name] = entry
         out["reference"] = {"by_probability": r["majority"], "by_generation": r["majority"]}
+    read_layer = int(decoder.lcfg.read_layers[0])
+    layers = tuple(dict.fromkeys((*s.probe_layers, read_layer)))
+    out["by_layer"] = cls.probe_by_layer(decoder.base, decoder.cfg, decoder.tokenizer,
+                                         resolve_data_dir(decoder.data_cfg), items, layers, seed=s.seed)
+    for row in out["by_layer"]:
+        if row["layer"] == read_layer and "trained" in out:
+            row["decoder"] = {"accuracy": out["trained"]["by_probability"]["all"]["value"]}
     return out
 
 
-def _credit(per: dict, members: list, items, mask) -> dict:
-    from lit_jax.eval import stats
+FACTUAL = ("relations/factual/*.json",)
 
-    hits = []
-    for n in members:
-        iv = per[n]
-        hits += [1.0] * round(iv["value"] * iv["n"]) + [0.0] * (iv["n"] - round(iv["value"] * iv["n"]))
-    return stats.accuracy(np.asarray(hits))
+
+def relation_task_items(data_cfg, limit: int, seed: int) -> list:
+    """The factual relation items split as the decoder's run split them (held-out subjects never
+    trained on), or, for a decoder not trained on relations, split by subject with its data
+    seed and held-out fraction (every subject is then unseen by the decoder; the split only
+    trains the probe). At most `limit` held-out items (0: all), a seeded sample; the others
+    are dropped (not moved to the probe's training side)."""
+    from lit_jax.data.readers import family
+    from lit_jax.eval import relations as rel
+
+    try:
+        items = [it for it in rel.relation_items_from_config(data_cfg) if it.source.startswith("relations/factual/")]
+    except ValueError:
+        items = []
+    if not items:
+        items = rel.relation_items(data_cfg.data_dir, FACTUAL, max(data_cfg.heldout_fraction, 0.1), data_cfg.split_seed)
+    held = [i for i, it in enumerate(items) if it.heldout]
+    if limit and limit < len(held):
+        keep = set(np.random.default_rng(seed).choice(held, size=limit, replace=False).tolist())
+        items = [it for i, it in enumerate(items) if not it.heldout or i in keep]
+    return items
 
 
 def _relations(decoder, runs, s: EvalSettings, bar) -> dict:
-    raise NotImplementedError("relations: pending (lit_jax/eval/relations.py)")
+    from lit_jax.eval import relations as rel
+
+    items = relation_task_items(decoder.data_cfg, s.relation_examples, s.seed)
+    held = rel.heldout(items)
+    layer = None if decoder.data_cfg.get("read_all_layers", False) else int(decoder.lcfg.read_layers[0])
+    out: dict[str, Any] = {"layer": layer, "heldout_items": len(held)}
+    for v in bar:
+        bar.set_postfix_str(v.name)
+        order = (v.reads(list(range(len(held))), [it.label for it in held], s.seed) if v.shuffled else None)
+        short = _short_reader(v.reader, 8)  # an object is a few tokens
+        r = rel.decoder_relations(short, held, layer, batch_size=s.batch_size, read_order=order,
+                                  text_only=v.text_only)
+        out[v.name] = {"accuracy": stats.accuracy(np.asarray(r["correct"], float))}
+        out.setdefault("examples", {})[v.name] = [
+            {"text": it.text, "object": it.object, "answer": a} for it, a in list(zip(held, r["answers"]))[:4]]
+    base_layer = layer if layer is not None else int(decoder.lcfg.read_layers[0])
+    layers = tuple(dict.fromkeys((*s.probe_layers, base_layer)))
+    rows = rel.relations_by_layer(decoder.base, decoder.cfg, decoder.tokenizer, items, layers,
+                                  batch_size=2 * s.batch_size, patchscope_prompts=("identity", "relation"))
+    at = next(r for r in rows if r["layer"] == base_layer)
+    out["baselines"] = {
+        "linear_probe": {"accuracy": stats.accuracy(np.asarray(at["probe"]["correct"], float))},
+        "patchscope_identity": {"accuracy": stats.accuracy(np.asarray(at["patchscope"]["correct"], float))},
+        "patchscope_relation": {"accuracy": stats.accuracy(np.asarray(at["patchscope_relation"]["correct"], float))},
+    }
+    out["probe_coverage"] = at["probe"].get("coverage")
+    out["reference"] = {"accuracy": at["majority"]["accuracy"]}
+    out["by_layer"] = [{"layer": r["layer"], "majority": {"accuracy": r["majority"]["accuracy"]},
+                        **{m: {"accuracy": r[m]["accuracy"]} for m in ("probe", "patchscope", "patchscope_relation")}}
+                       for r in rows]
+    trained = out.get("trained", {}).get("accuracy")
+    if trained is not None:
+        for row in out["by_layer"]:
+            if row["layer"] == base_layer:
+                row["decoder"] = {"accuracy": trained["value"]}
+    return out
+
+
+def _short_reader(reader, max_new_tokens: int):
+    from lit_jax.generate import SamplingConfig
+    from lit_jax.lit.read import Reader
+
+    return Reader(reader.base, reader.trainable, reader.cfg, reader.lcfg, reader.tokenizer, reader.data_cfg,
+                  sampling=SamplingConfig(max_new_tokens=max_new_tokens))
 
 
 def run_evaluate(config, workdir: str) -> dict:

@@ -48,9 +48,10 @@ def item_of(tokenizer, described: dict) -> Item:
     r = described["read"]
     if "dialog" in r:
         read = tokenize_read(tokenizer, r["dialog"], read_from_turn=r["read_from_turn"],
-                             generation_prompt=r["generation_prompt"])
+                             generation_prompt=r["generation_prompt"], read_last=r.get("read_last", 0))
     else:
-        read = tokenize_read(tokenizer, r["text"], read_chars=tuple(r["read_chars"]) if "read_chars" in r else None)
+        read = tokenize_read(tokenizer, r["text"], read_chars=tuple(r["read_chars"]) if "read_chars" in r else None,
+                             read_last=r.get("read_last", 0))
     return Item(read, described["question"], described["answer"], described["label"], described["source"])
 
 
@@ -123,10 +124,10 @@ def make_groups(items: Sequence[Item], k: int, *, same_question: bool, seed: int
     return groups
 
 
-def choice_task(variant: Variant, items: Sequence[Item], groups: Sequence[Sequence[int]], *, layer=None,
-                batch_size: int = 16, seed: int = 0) -> dict:
-    """Accuracy (with interval) of picking each read's own candidate in each group; see the module
-    docstring. Shuffled variants read another label's activations (drawn over all items)."""
+def choice_credit(variant: Variant, items: Sequence[Item], groups: Sequence[Sequence[int]], *, layer=None,
+                  batch_size: int = 16, seed: int = 0) -> dict[int, float]:
+    """{item index: credit in [0, 1]} for picking each grouped read's own candidate (see the
+    module docstring). Shuffled variants read another label's activations (drawn over all items)."""
     if not groups:
         raise ValueError("no groups of k examples with different labels: too few held-out examples")
     reads = variant.reads([it.read for it in items], [it.label for it in items], seed)
@@ -134,10 +135,39 @@ def choice_task(variant: Variant, items: Sequence[Item], groups: Sequence[Sequen
     ex = variant.reader.examples([reads[i] for i, _ in rows], [items[j].question for _, j in rows],
                                  [items[j].answer for _, j in rows], layer=layer, text_only=variant.text_only)
     logprob = variant.reader.score_examples(ex, batch_size=batch_size).logprob
-    credit, at = [], 0
+    credit, at = {}, 0
     for g in groups:
         k = len(g)
-        credit.extend(choice_scores(logprob[at: at + k * k].reshape(k, k)).tolist())
+        credit.update(zip(g, choice_scores(logprob[at: at + k * k].reshape(k, k)).tolist()))
         at += k * k
+    return credit
+
+
+def choice_task(variant: Variant, items: Sequence[Item], groups: Sequence[Sequence[int]], *, layer=None,
+                batch_size: int = 16, seed: int = 0) -> dict:
+    """Accuracy (with interval over reads) of picking each read's own candidate in each group."""
+    credit = choice_credit(variant, items, groups, layer=layer, batch_size=batch_size, seed=seed)
     k = len(groups[0])
-    return {"accuracy": stats.accuracy(credit), "chance": 1.0 / k, "k": k, "groups": len(groups)}
+    return {"accuracy": stats.accuracy(list(credit.values())), "chance": 1.0 / k, "k": k, "groups": len(groups)}
+
+
+def hidden_system(variant: Variant, items: Sequence[Item], k: int, *, pairs: int = 2, layer=None,
+                  batch_size: int = 16, seed: int = 0) -> dict:
+    """Which of k personas/goals, from system-prompt reads (one label per read). Each read is
+    tested with up to `pairs` of its label's QA pairs (a fresh random grouping each), and its
+    credit is the mean: a steadier score per read, the interval still over reads."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_label[it.label].append(i)
+    per_read: dict[str, list[float]] = defaultdict(list)
+    for p in range(pairs):
+        chosen = [ids[p] for ids in by_label.values() if len(ids) > p]
+        sub = [items[i] for i in chosen]
+        groups = make_groups(sub, k, same_question=False, seed=seed + p)
+        if not groups:
+            continue
+        for i, c in choice_credit(variant, sub, groups, layer=layer, batch_size=batch_size, seed=seed + p).items():
+            per_read[sub[i].label].append(c)
+    if not per_read:
+        raise ValueError(f"no groups of {k} system-prompt reads with different labels: too few held-out reads")
+    return {"accuracy": stats.accuracy([float(np.mean(v)) for v in per_read.values()]), "chance": 1.0 / k, "k": k}

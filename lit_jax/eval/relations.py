@@ -309,7 +309,26 @@ def subject_activations(params: llama.Params, cfg: ModelConfig, tokenizer: Any, 
     else:  # the model is causal: the text after the subject cannot change its activations; not run
         tokens = [t[: a + 1] for t, a in zip(tokens, at)]
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    rows = min(batch_size, len(items))
+    return activations_at(params, cfg, tokens, at, layers, pad, batch_size, length_multiple=length_multiple)
+
+
+def activations_at(params: llama.Params, cfg: ModelConfig, tokens: Sequence[np.ndarray], at: np.ndarray,
+                   layers: Sequence[int], pad_id: int, batch_size: int = 32, *, length_multiple: int = 8
+                   ) -> np.ndarray:
+    """The residual stream after each block in `layers` at token index at[i] of each token
+    sequence tokens[i] (int32 [R_i]): float32 [N, len(layers), D], layers in the order given.
+    Bucketed and batched as `subject_activations` describes (one compile per length bucket).
+    ValueError for a layer outside the model or batch_size <= 0."""
+    layers = tuple(int(x) for x in layers)
+    if not layers or min(layers) < 0 or max(layers) >= cfg.num_layers:
+        raise ValueError(f"layers {layers} must be non-empty and inside [0, {cfg.num_layers})")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    out = np.zeros((len(tokens), len(layers), cfg.hidden_size), np.float32)
+    if not len(tokens):
+        return out
+    at, pad = np.asarray(at, np.int32), int(pad_id)
+    rows = min(batch_size, len(tokens))
     buckets = np.asarray([round_up(len(t), length_multiple) for t in tokens])
     for length in sorted(set(buckets.tolist())):
         members = np.flatnonzero(buckets == length)
@@ -566,8 +585,9 @@ def patchscope_relations(params, cfg: ModelConfig, tokenizer: Any, items: Sequen
 # ---------------------------------------------------------------------------------------- trained decoder
 
 
-def decoder_relations(reader: Any, items: Sequence[RelationItem], layer: int, question: str | None = None, *,
-                      heldout_only: bool = True, batch_size: int = 16) -> dict[str, Any]:
+def decoder_relations(reader: Any, items: Sequence[RelationItem], layer: int | None, question: str | None = None, *,
+                      heldout_only: bool = True, batch_size: int = 16, read_order: Sequence[int] | None = None,
+                      text_only: bool = False) -> dict[str, Any]:
     """The trained decoder's answers (Reader.ask, lit_jax.lit.read) for items, read as training reads
     them: the whole text (lit_jax.data.tokenize_read(tokenizer, text): all text tokens are read
     positions) at target layer `layer`, asked `question` filled as training fills it ({range},
@@ -575,8 +595,10 @@ def decoder_relations(reader: Any, items: Sequence[RelationItem], layer: int, qu
     text?"), scored with `object_correct`.
 
     heldout_only: evaluate only held-out items (train subjects were seen in training). Batches of
-    `batch_size` (the last padded by repeating a read, so batches share shapes). Returns
-    summarize(...) plus "answers" and "questions". Raises ValueError as Reader.ask does (e.g. an untrained layer).
+    `batch_size` (the last padded by repeating a read, so batches share shapes). The controls
+    (lit_jax.eval.controls): read_order[i] = whose read item i's question is asked about (shuffled),
+    text_only = the text instead of its activations. Returns summarize(...) plus "answers" and
+    "questions". Raises ValueError as Reader.ask does (e.g. an untrained layer).
     """
     from lit_jax.data.chat import tokenize_read
 
@@ -584,6 +606,8 @@ def decoder_relations(reader: Any, items: Sequence[RelationItem], layer: int, qu
     if question is None:
         question = reader.data_cfg.get("relation_question", DEFAULT_QUESTION) if reader.data_cfg else DEFAULT_QUESTION
     reads = [tokenize_read(reader.tokenizer, it.text) for it in items]
+    if read_order is not None:
+        reads = [reads[j] for j in read_order]
     questions = [question.format(range=it.range_name, domain=it.domain_name, relation=it.relation) for it in items]
     answers: list[str] = []
     for lo in range(0, len(items), batch_size):
@@ -591,8 +615,7 @@ def decoder_relations(reader: Any, items: Sequence[RelationItem], layer: int, qu
         n = len(r)
         if n < batch_size and len(items) > batch_size:
             r, q = r + [r[-1]] * (batch_size - n), q + [q[-1]] * (batch_size - n)
-        outs = reader.ask(r, q, layer=layer)[:n]
-        answers += [reader.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+        answers += reader.ask(r, q, layer=layer, text_only=text_only)[:n]
     return summarize([object_correct(a, it.object) for a, it in zip(answers, items)], items, answers=answers,
                      questions=questions)
 

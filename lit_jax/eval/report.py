@@ -109,7 +109,32 @@ def write_report(results: dict, out_dir: str, *, overwrite: bool = True) -> str:
             f.write(markdown(results))
         if results.get("headline"):
             plot_controls(results, os.path.join(tmp, "controls.png"))
-        for name, draw in results.get("_plots", {}).items():
-            draw(os.path.join(tmp, name))
+        for task, title in (("relations", "Relational knowledge by read layer (held-out subjects)"),
+                            ("classification", "Classification by read layer (held-out sentences)")):
+            rows = results.get("tasks", {}).get(task, {}).get("by_layer")
+            if rows:
+                from lit_jax.eval.relations import plot_by_layer
+
+                plot_by_layer(rows, os.path.join(tmp, f"{task}_by_layer.png"), title=title)
 
     return write_directory(out_dir, fill, overwrite=overwrite)
+
+
+def summary_lines(results: dict) -> list[str]:
+    """A few lines: per task, its headline metric for the trained decoder and each control,
+    the chance/baseline, and whether the trained decoder beats every control (intervals apart)."""
+    lines = []
+    for task, metric in results.get("headline", {}).items():
+        entry = results["tasks"][task]
+        trained = _get(entry.get("trained", {}), metric)
+        if trained is None:
+            continue
+        parts = [f"{v} {iv['value']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
+                 for v in VARIANT_ORDER if (iv := _get(entry.get(v, {}), metric)) is not None]
+        ref = entry.get("reference", {}).get(metric.split("/")[0])
+        controls = [iv for v in VARIANT_ORDER[1:] if (iv := _get(entry.get(v, {}), metric)) is not None]
+        verdict = ("reads: above every control" if controls and all(trained["low"] > c["high"] for c in controls)
+                   else "not separated from every control")
+        ref_text = f"; chance/baseline {ref:.2f}" if ref is not None else ""
+        lines.append(f"{task} ({metric}, n={trained['n']}{ref_text}): " + ", ".join(parts) + f" -> {verdict}")
+    return lines

@@ -26,6 +26,7 @@ from lit_jax.lit.export import CLI_OVERWRITE, export_decoder
 from lit_jax.lit.peft_decoder import FullFinetuneExportError, check_out_dir
 from lit_jax.lit.read import Reader
 from lit_jax.lit.train import TrainConfig, train
+from lit_jax.eval.harness import EvalSettings
 from lit_jax.lit.trained import TrainedDecoder, save_run_settings
 from lit_jax.models import llama
 from lit_jax.models.config import ModelConfig
@@ -125,11 +126,25 @@ def check_export(export: ExportConfig, lcfg: LitConfig) -> None:
             check_out_dir(d, export.overwrite, CLI_OVERWRITE)
 
 
+def run_evaluation(decoder: TrainedDecoder, settings: EvalSettings, out_dir: str) -> dict:
+    """The job's closing evaluation (lit_jax/eval): report files in out_dir, a few lines printed."""
+    from lit_jax.eval import evaluate_decoder
+    from lit_jax.eval.report import summary_lines, write_report
+
+    results = evaluate_decoder(decoder, settings)
+    write_report(results, out_dir)
+    print(f"\nevaluation (held-out; intervals 95%; table and plots in {out_dir}):", flush=True)
+    for line in summary_lines(results):
+        print("  " + line, flush=True)
+    return {"tasks": results["tasks"], "wall_s": results["wall_s"]}
+
+
 def run_lit(config: ConfigDict, workdir: str) -> dict:
     # Every section becomes its settings dataclass first: an unknown field fails before any work.
     lcfg, tcfg = lit_config(config), train_config(config)
     mesh_cfg = from_section(MeshConfig, config.mesh, "mesh")
     demo, export = from_section(DemoConfig, config.demo, "demo"), from_section(ExportConfig, config.export, "export")
+    evaluation = from_section(EvalSettings, config.evaluate, "evaluate")  # the closing evaluation (tasks=(): none)
     check_export(export, lcfg)
     shd.maybe_initialize_distributed(mesh_cfg.distributed)
     os.makedirs(workdir, exist_ok=True)
@@ -172,6 +187,11 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
                         sampling=SamplingConfig(max_new_tokens=demo.max_new_tokens))
         summary["demo"] = run_demo(reader, heldout, demo)
         print_demo(summary["demo"])
+
+    if evaluation.tasks and jax.process_index() == 0:
+        summary["evaluation"] = run_evaluation(
+            TrainedDecoder(cfg, lcfg, base, state.params, tokenizer, config.data, tcfg.steps, workdir, config),
+            evaluation, os.path.join(workdir, "eval"))
 
     if (export.hf_dir or export.peft_dir) and jax.process_index() == 0:
         trained = TrainedDecoder(cfg, lcfg, base, jax.device_get(state.params), tokenizer, config.data, tcfg.steps,
