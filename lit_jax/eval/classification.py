@@ -107,10 +107,8 @@ def classify(variant: Variant, items: Sequence[YesNoItem], *, layer=None, batch_
         reader = variant.reader
         short = Reader(reader.base, reader.trainable, reader.cfg, reader.lcfg, reader.tokenizer, reader.data_cfg,
                        sampling=SamplingConfig(max_new_tokens=max_new_tokens))
-        answers = []
-        for lo in range(0, len(items), batch_size):
-            answers += short.ask(reads[lo: lo + batch_size], questions[lo: lo + batch_size], layer=layer,
-                                 text_only=variant.text_only)
+        # One batch: a few new tokens each, and one compiled generation instead of one per length bucket.
+        answers = short.ask(reads, questions, layer=layer, text_only=variant.text_only)
         by_gen = np.asarray([generated_answer(a) == it.answer for a, it in zip(answers, items)], float)
         result["by_generation"] = _by_dataset(by_gen, items)
         result["examples"] = [{"dataset": it.dataset, "question": it.question, "answer": it.answer, "generated": a}

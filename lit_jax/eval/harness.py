@@ -221,8 +221,8 @@ def _relations(decoder, runs, s: EvalSettings, bar) -> dict:
         bar.set_postfix_str(v.name)
         order = (v.reads(list(range(len(held))), [it.label for it in held], s.seed) if v.shuffled else None)
         short = _short_reader(v.reader, 8)  # an object is a few tokens
-        r = rel.decoder_relations(short, held, layer, batch_size=s.batch_size, read_order=order,
-                                  text_only=v.text_only)
+        r = rel.decoder_relations(short, held, layer, batch_size=max(len(held), 1), read_order=order,
+                                  text_only=v.text_only)  # one batch: one compiled generation
         out[v.name] = {"accuracy": stats.accuracy(np.asarray(r["correct"], float))}
         out.setdefault("examples", {})[v.name] = [
             {"text": it.text, "object": it.object, "answer": a} for it, a in list(zip(held, r["answers"]))[:4]]

@@ -248,9 +248,9 @@ class Reader:
         adjacent (by read length, read, then decoder length), cut into chunks of `batch_size`,
         and each chunk is packed into `num_rows` prefix-tree rows (data/packing.py): each
         distinct read runs through the target once and each shared decoder prefix (template,
-        placeholders, acknowledgement) through the decoder once. Packed lengths (R, S, T, P)
-        are padded by `packed_size` with `multiples` as the smallest steps: few shapes, few
-        compiles. Chunks of 16 measured fastest on CPU for 4 x 4 choice groups (~2.3x plain
+        placeholders, acknowledgement) through the decoder once. Every chunk is padded to one
+        packed shape per call (the largest chunk's lengths (R, S, T, P) on the `packed_size`
+        grid, `multiples` the smallest steps): one compile per call and shape. Chunks of 16 measured fastest on CPU for 4 x 4 choice groups (~2.3x plain
         rows); larger chunks share little more and pay for longer tree attention.
         pack=False: sorted by length, cut into batches of `batch_size` plain rows, each padded
         to its lengths rounded up to `multiples` (R, S, T, P). Both give the same scores up to
@@ -281,13 +281,19 @@ class Reader:
 
         order = sorted(range(n), key=read_key)
         steps = dict(zip(SIDES, multiples))  # SIDES: read, slot, decoder, target = (R, S, T, P)
-        pending = []  # dispatch every chunk first (jit is asynchronous), so packing overlaps compute
+        chunks, needs = [], []
         for lo in range(0, n, batch_size):
             ids = np.asarray(order[lo: lo + batch_size])
             chunk = [examples[i] for i in ids]
             rows = fixed_rows(chunk, len(chunk), fit_bucket(chunk, multiples), self.pad_id, layer)
-            batch = pack_batch(rows, num_rows, sizes=lambda need: {k: packed_size(v, steps[k])
-                                                                   for k, v in need.items()})
+            pack_batch(rows, num_rows, sizes=lambda need: needs.append(need) or need)
+            chunks.append((ids, rows))
+        # One packed shape for the whole call (the largest chunk's, on the packed_size grid): a
+        # compile costs seconds on CPU and memory for its code, a little padding costs less.
+        fixed = {k: packed_size(max(need[k] for need in needs), steps[k]) for k in SIDES}
+        pending = []  # dispatch every chunk first (jit is asynchronous), so packing overlaps compute
+        for ids, rows in chunks:
+            batch = pack_batch(rows, num_rows, sizes=lambda need: fixed)
             stats = target_stats(self.trainable, self.base, batch, cfg=self.cfg, lcfg=self.lcfg)
             pending.append((ids, target_examples(rows, num_rows), stats))
         for ids, owners, (logprob, hit) in pending:
