@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -93,10 +93,13 @@ def trained_labels(data_cfg: Any) -> set[str]:
     return {r.label for r in split_by_label(families, data_cfg.heldout_fraction, data_cfg.split_seed)["train"]}
 
 
-def evaluate_decoder(decoder, settings: EvalSettings = EvalSettings(), *, progress: bool = True) -> dict:
+def evaluate_decoder(decoder, settings: EvalSettings = EvalSettings(), *, progress: bool = True,
+                     after_task: Callable[[dict], None] | None = None) -> dict:
     """Runs settings.tasks on a TrainedDecoder (lit_jax.load_decoder); returns the results dict
     (see lit_jax.eval.report): results["tasks"][task][variant][metric] = interval, plus
-    "reference" (chance / majority), "baselines" (relations), "wall_s" per task."""
+    "reference" (chance / majority), "baselines" (relations), "wall_s" per task.
+    after_task(results so far) runs after each task (the evaluate task writes its report then,
+    so a long run's finished tasks are on disk)."""
     from lit_jax.data import build_splits
 
     reader = decoder.reader()
@@ -147,6 +150,8 @@ def evaluate_decoder(decoder, settings: EvalSettings = EvalSettings(), *, progre
             results["headline"][task] = "accuracy"
         results["tasks"][task] = out
         results["wall_s"][task] = round(time.perf_counter() - t0, 1)
+        if after_task is not None:
+            after_task(results)
     return results
 
 
@@ -269,9 +274,8 @@ def run_evaluate(config, workdir: str) -> dict:
     settings = from_section(EvalSettings, config.evaluate, "evaluate")
     step = config.decoder_step if config.decoder_step >= 0 else None
     decoder = load_decoder(config.decoder, step=step, target=config.target or None)
-    results = evaluate_decoder(decoder, settings)
     out_dir = config.out_dir or os.path.join(workdir, "eval")
-    write_report(results, out_dir)
+    results = evaluate_decoder(decoder, settings, after_task=lambda partial: write_report(partial, out_dir))
     print(markdown(results), flush=True)
     print(f"wall time per task (s): {results['wall_s']}\nwritten to {out_dir}", flush=True)
     return results
