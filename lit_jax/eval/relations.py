@@ -295,14 +295,6 @@ def subject_activations(params: llama.Params, cfg: ModelConfig, tokenizer: Any, 
     """
     if position not in POSITIONS:
         raise ValueError(f"position={position!r}; expected one of {POSITIONS}")
-    layers = tuple(int(x) for x in layers)
-    if not layers or min(layers) < 0 or max(layers) >= cfg.num_layers:
-        raise ValueError(f"layers {layers} must be non-empty and inside [0, {cfg.num_layers})")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    out = np.zeros((len(items), len(layers), cfg.hidden_size), np.float32)
-    if not items:
-        return out
     tokens, at = token_positions(tokenizer, items)
     if position == "last":
         at = np.asarray([len(t) - 1 for t in tokens], np.int32)
