@@ -265,6 +265,7 @@ def _short_reader(reader, max_new_tokens: int):
 def run_evaluate(config, workdir: str) -> dict:
     """The `evaluate` task: load the decoder named by config.decoder, run the tasks, write
     results.json / results.md / plots into config.evaluate.out_dir (default WORKDIR/eval), print the table."""
+    from lit_jax.config_checks import check_layers
     from lit_jax.eval.report import markdown, write_report
     from lit_jax.lit.trained import load_decoder
     from lit_jax.settings import from_section
@@ -274,6 +275,8 @@ def run_evaluate(config, workdir: str) -> dict:
     settings = from_section(EvalSettings, config.evaluate, "evaluate")
     step = config.decoder_step if config.decoder_step >= 0 else None
     decoder = load_decoder(config.decoder, step=step, target=config.target or None)
+    # Probe layers past the model's last block would fail only when their task runs, after the ones before it.
+    check_layers("evaluate.probe_layers", settings.probe_layers, decoder.cfg.num_layers, allow_empty=True)
     out_dir = config.out_dir or os.path.join(workdir, "eval")
     results = evaluate_decoder(decoder, settings, after_task=lambda partial: write_report(partial, out_dir))
     print(markdown(results), flush=True)

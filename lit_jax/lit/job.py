@@ -16,10 +16,13 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from lit_jax import sharding as shd
+from lit_jax.config_checks import check_lit_against, check_lit_settings
 from lit_jax.data import build_splits, make_batch_iterator, make_eval_iterator, resolve_placeholder
 from lit_jax.generate import SamplingConfig
 from lit_jax.hf import load_params, load_tokenizer
+from lit_jax.hf.gguf_in import config_from_gguf, load_gguf, open_gguf
 from lit_jax.hf.smollm2 import resolve_model_path
+from lit_jax.hf.tokenizer import tokenizer_from_gguf
 from lit_jax.lit.checkpoint import config_meta
 from lit_jax.lit.config import LitConfig
 from lit_jax.lit.export import CLI_OVERWRITE, export_decoder
@@ -29,14 +32,32 @@ from lit_jax.lit.train import TrainConfig, train
 from lit_jax.eval.harness import EvalSettings
 from lit_jax.lit.trained import TrainedDecoder, save_run_settings
 from lit_jax.models import llama
-from lit_jax.models.config import ModelConfig
+from lit_jax.models.config import ModelConfig, load_hf_config
 from lit_jax.settings import (DemoConfig, ExportConfig, MeshConfig, from_section, lit_from_section, model_run_options,
                               train_from_config)
 
 
-def load_model(m: ConfigDict, seed: int = 0) -> tuple[ModelConfig, dict, Any]:
+def model_header(m: ConfigDict) -> tuple[int, Any]:
+    """(number of decoder blocks, GGUF reader or None) of the model `m` names, without its weights:
+    `m.random`'s shape, an HF directory's config.json, or a GGUF file's header. The reader is for
+    load_model, so the header of a GGUF file is parsed once (seconds for SmolLM2).
+    Raises FileNotFoundError for a missing path, UnsupportedModelError / CheckpointError as the loaders do."""
+    if m.source == "random":
+        return int(m.random.num_layers), None
+    run = model_run_options(m)
+    path = resolve_model_path(m.source)
+    if path.endswith(".gguf"):
+        reader = open_gguf(path)
+        return config_from_gguf(reader, path, **run).num_layers, reader
+    if not os.path.exists(path):  # load_params' message, before load_hf_config's "no config.json"
+        raise FileNotFoundError(f"model path {path!r} does not exist (expected an HF directory or a .gguf file)")
+    return load_hf_config(path, **run).num_layers, None
+
+
+def load_model(m: ConfigDict, seed: int = 0, gguf_reader: Any = None) -> tuple[ModelConfig, dict, Any]:
     """(cfg, numpy params, tokenizer). source "random" builds a random model of `m.random` shape
-    over the tokenizer of `m.tokenizer` (for tests and dry runs)."""
+    over the tokenizer of `m.tokenizer` (for tests and dry runs). gguf_reader: the source's GGUF
+    header already parsed (model_header), shared by the weights and the tokenizer."""
     run = model_run_options(m)
     if m.source == "random":
         tokenizer = load_tokenizer(resolve_model_path(m.tokenizer))
@@ -46,6 +67,9 @@ def load_model(m: ConfigDict, seed: int = 0) -> tuple[ModelConfig, dict, Any]:
         params = jax.device_get(llama.init_params(jax.random.key(seed), cfg))
         return cfg, params, tokenizer
     path = resolve_model_path(m.source)
+    if gguf_reader is not None:
+        cfg, params = load_gguf(path, gguf_reader, **run)
+        return cfg, params, tokenizer_from_gguf(path, gguf_reader)
     cfg, params = load_params(path, **run)
     return cfg, params, load_tokenizer(path)
 
@@ -140,25 +164,26 @@ def run_evaluation(decoder: TrainedDecoder, settings: EvalSettings, out_dir: str
 
 
 def run_lit(config: ConfigDict, workdir: str) -> dict:
-    # Every section becomes its settings dataclass first: an unknown field fails before any work.
+    # An impossible value fails first, naming its flag and the allowed range (config_checks.py); then every
+    # section becomes its settings dataclass: an unknown field fails before any work.
+    check_lit_settings(config)
     lcfg, tcfg = lit_config(config), train_config(config)
     mesh_cfg = from_section(MeshConfig, config.mesh, "mesh")
     demo, export = from_section(DemoConfig, config.demo, "demo"), from_section(ExportConfig, config.export, "export")
     evaluation = from_section(EvalSettings, config.evaluate, "evaluate")  # the closing evaluation (tasks=(): none)
     check_export(export, lcfg)
     shd.maybe_initialize_distributed(mesh_cfg.distributed)
+    # Layers against the model's depth (its config, not its weights), the mesh and batch against the devices:
+    # refused before the work dir is written, the data prepared or anything compiled.
+    num_layers, gguf_reader = model_header(config.model)
+    check_lit_against(config, num_layers=num_layers, device_count=jax.device_count(),
+                      process_count=jax.process_count())
     os.makedirs(workdir, exist_ok=True)
-    cfg, base, tokenizer = load_model(config.model, config.seed)
+    cfg, base, tokenizer = load_model(config.model, config.seed, gguf_reader)
+    del gguf_reader  # the file's memory map is not needed past loading
     if jax.process_index() == 0:
         save_run_settings(workdir, config, tokenizer)  # what load_decoder rebuilds the decoder from
     mesh = shd.make_mesh(mesh_cfg.shape)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch = config.data.batch_size * jax.process_count()
-    if global_batch % (data_parallel * tcfg.accum_steps):
-        raise ValueError(
-            f"global batch {global_batch} (data.batch_size x processes) must divide by the data-parallel mesh size "
-            f"{data_parallel} x train.accum_steps {tcfg.accum_steps}; change data.batch_size or mesh.shape"
-        )
     base = shd.put_consuming(base, shd.tree_shardings(llama.param_axes(cfg), base, mesh, units=llama.param_units(cfg),
                                                       strict=mesh_cfg.strict))
     logging.info("model %s (%d params), mesh %s, %s", cfg.architecture, llama.num_params(base), dict(mesh.shape),

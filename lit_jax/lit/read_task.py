@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from lit_jax.config_checks import check_read_settings
 from lit_jax.data import tokenize_read
 from lit_jax.data.records import parse_record
 from lit_jax.generate import SamplingConfig
@@ -72,6 +73,7 @@ def _shorten(read: Any, width: int = 60, first: int = 0) -> str:
 
 def run_read(config: ConfigDict, workdir: str) -> list[dict]:
     r = config.read
+    check_read_settings(r)  # an impossible size fails before the decoder loads, naming its flag
     if not config.decoder:
         raise ValueError("--config.decoder is empty: give the work dir of a `lit` run")
     requests = read_requests(r)  # bad input fails before the model loads
