@@ -160,6 +160,17 @@ class PackedSizes:
         groups = [g for g in np.array_split(np.arange(len(needs)), min(self.max_levels, len(needs))) if len(g)]
         self._levels[key] = [self.rounded({k: max(needs[i][k] for i in g) for k in needs[0]}) for g in groups]
 
+    def get_state(self) -> list[dict]:
+        """The levels as JSON (saved with a checkpoint): a resumed run pads its batches to the shapes
+        the uninterrupted run would, so XLA sums in the same order and the run is bitwise the same."""
+        return [{"key": [int(k) for k in key], "levels": [{k: int(v) for k, v in lv.items()} for lv in levels]}
+                for key, levels in self._levels.items()]
+
+    def set_state(self, state: Sequence[dict]) -> None:
+        """Replaces the levels with those `get_state` returned (in the saved order: growth picks among them)."""
+        self._levels = {tuple(entry["key"]): [{k: int(v) for k, v in lv.items()} for lv in entry["levels"]]
+                        for entry in state}
+
     def levels(self, key: Hashable) -> list[dict[str, int]]:
         """The padded sizes bucket `key`'s batches take so far, smallest first: the shapes they compile to."""
         return sorted((dict(lv) for lv in self._levels.get(key, [])), key=lambda lv: lv["decoder"])

@@ -89,6 +89,26 @@ def evaluate(eval_step, params, base, batches: Iterable[LitBatch], mesh, lcfg: L
     return {"loss": loss / count, "accuracy": correct / count, "target_tokens": count}
 
 
+def data_state_of(train_batches, step_batch: StepBatches) -> dict:
+    """What fixes the batches after this step, as JSON for the checkpoint: the iterator's position
+    (order and shuffling) and the packed size levels (the shapes each batch is padded to)."""
+    return {"iterator": train_batches.get_state(), "packed_sizes": step_batch.sizes.get_state()}
+
+
+def restore_data_state(data_state: dict, train_batches, step_batch: StepBatches) -> bool:
+    """Puts a checkpoint's data state back; True when it held the packed size levels.
+
+    A checkpoint saved before the levels were recorded holds the iterator state alone; it
+    resumes with levels planned afresh (close to the uninterrupted run, not bitwise).
+    """
+    if "iterator" not in data_state:
+        train_batches.set_state(data_state)
+        return False
+    train_batches.set_state(data_state["iterator"])
+    step_batch.sizes.set_state(data_state["packed_sizes"])
+    return True
+
+
 def train(
     *,
     cfg: ModelConfig,
@@ -136,11 +156,11 @@ def train(
                         async_save=tcfg.async_checkpoints)
     result = TrainResult(workdir=workdir)
 
-    start = 0
+    start, restored_sizes = 0, False
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state, _ = ckpt.restore(latest, state, expected_config=meta["config"])
-        train_batches.set_state(data_state)
+        restored_sizes = restore_data_state(data_state, train_batches, step_batch)
         start = int(state.step)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
         result["resumed_from"] = start
@@ -154,7 +174,8 @@ def train(
         result["heldout_last"] = {"step": step, **m}
         logging.info("step %d held-out: %s", step, m)
 
-    if tcfg.pack and tcfg.presize_batches:  # padded sizes from a look-ahead: fewer compilations later
+    # padded sizes from a look-ahead: fewer compilations later (a resumed run has the saved ones)
+    if tcfg.pack and tcfg.presize_batches and not restored_sizes:
         saved = train_batches.get_state()
         ahead = list(itertools.islice(train_batches, tcfg.presize_batches))
         train_batches.set_state(saved)
@@ -189,11 +210,11 @@ def train(
             if tcfg.eval_every and done % tcfg.eval_every == 0:
                 run_eval(done, state.params)
             if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0:
-                ckpt.save(done, state, train_batches.get_state(), meta)
+                ckpt.save(done, state, data_state_of(train_batches, step_batch), meta)
         bar.close()
         run_eval(tcfg.steps, state.params)
         if start < tcfg.steps:
-            ckpt.save(tcfg.steps, state, train_batches.get_state(), meta)
+            ckpt.save(tcfg.steps, state, data_state_of(train_batches, step_batch), meta)
     finally:  # also on interrupt: let an in-flight async save finish, flush metrics
         ckpt.close()
         writer.close()
