@@ -42,7 +42,7 @@ def _refused(flag, check, *args, **kwargs):
 ALONE = [
     ("train.steps", -5), ("train.steps", 0),
     ("train.lr", 0.0), ("train.lr", -1e-3), ("train.lr", math.nan), ("train.lr", math.inf),
-    ("train.warmup_steps", -1), ("train.warmup_steps", 31),  # tiny: 30 steps
+    ("train.warmup_steps", -1),
     ("train.weight_decay", -0.1), ("train.clip_norm", 0.0), ("train.accum_steps", 0), ("train.log_every", 0),
     ("train.eval_every", -1), ("train.eval_examples", -1), ("train.checkpoint_every", -1),
     ("train.keep_checkpoints", 0), ("train.pack_multiple", 0), ("train.pack_levels", 0),
@@ -99,7 +99,7 @@ def test_the_global_batch_counts_micro_batches_and_processes():
 def test_valid_configs_pass():
     check_lit_settings(_tiny())
     assert check_lit_against(_tiny(), num_layers=TINY_LAYERS, device_count=1) == (1, 1, 1)
-    edges = _tiny(**{"train.warmup_steps": 30, "train.eval_every": 0, "train.checkpoint_every": 0,
+    edges = _tiny(**{"train.warmup_steps": 45, "train.eval_every": 0, "train.checkpoint_every": 0,
                      "data.heldout_fraction": 0.0, "data.read_layers": (0, 3), "lit.write_layer": 3,
                      "demo.num_examples": 0, "mesh.shape": (2, 1, -1)})
     check_lit_settings(edges)

@@ -232,3 +232,37 @@ def test_evaluate_task_end_to_end(workdir, tmp_path):
     assert "| hidden_system | accuracy | text_only |" in md
     assert (out / "controls.png").read_bytes()[:4] == b"\x89PNG"
     assert "hidden_system" in r.stdout
+
+
+def test_evaluation_on_a_mesh_equals_one_device(workdir):
+    """The decoder laid out over 8 devices (fsdp 2 x tensor 4) scores what it scores on one."""
+    import jax
+
+    from lit_jax.eval.harness import eval_mesh, evaluate_decoder
+    from lit_jax.lit.trained import on_mesh
+
+    settings = EvalSettings(tasks=("latentqa", "relations"), controls=("zeros", "untrained"), k=2,
+                            latentqa_examples=4, choice_groups=2, relation_examples=4, probe_layers=(),
+                            generate=False)
+    one = load_decoder(str(workdir))
+    mesh = eval_mesh((1, 2, 4))
+    spread = on_mesh(one, mesh)
+    assert mesh.size == 8 and len(jax.tree.leaves(spread.base)[0].sharding.device_set) == 8
+    a = evaluate_decoder(one, settings, progress=False)["tasks"]
+    b = evaluate_decoder(spread, settings, progress=False)["tasks"]
+    for task in settings.tasks:
+        for variant in ("trained", "zeros", "untrained"):
+            for metric, x in a[task][variant].items():
+                y = b[task][variant][metric]
+                np.testing.assert_allclose(y["value"], x["value"], rtol=1e-4, atol=1e-5, err_msg=f"{task}/{variant}/{metric}")
+    assert a["relations"]["baselines"].keys() == b["relations"]["baselines"].keys()
+
+
+def test_eval_mesh_refuses_more_devices_than_visible():
+    from lit_jax.eval.harness import eval_mesh
+
+    assert eval_mesh((1, 1, 1)).size == 1 and eval_mesh((1, 1, -1)).size == 8
+    with pytest.raises(ValueError, match=r"--config.mesh.shape=\(1, 4, 4\) needs 16 devices; 8 are visible"):
+        eval_mesh((1, 4, 4))
+    with pytest.raises(ValueError, match="--config.mesh.shape"):
+        eval_mesh((1, 0, 1))

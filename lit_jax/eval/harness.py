@@ -262,19 +262,43 @@ def _short_reader(reader, max_new_tokens: int):
                   sampling=SamplingConfig(max_new_tokens=max_new_tokens))
 
 
+def eval_mesh(shape) -> "jax.sharding.Mesh":
+    """The mesh evaluation runs on: `shape` (data, fsdp, tensor) over the first prod(shape) devices,
+    or over all of them when one entry is -1 (unlike training, evaluation need not use every device).
+    Raises ValueError naming --config.mesh.shape when there are too few devices or the shape is malformed."""
+    import jax
+
+    from lit_jax import sharding as shd
+
+    shape = tuple(int(s) for s in shape)
+    devices = jax.devices()
+    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        raise ValueError(f"--config.mesh.shape={shape}: give 3 sizes (data, fsdp, tensor), each >= 1, one may be -1")
+    if -1 not in shape:
+        if int(np.prod(shape)) > len(devices):
+            raise ValueError(f"--config.mesh.shape={shape} needs {int(np.prod(shape))} devices; {len(devices)} "
+                             "are visible")
+        devices = devices[:int(np.prod(shape))]
+    return shd.make_mesh(shape, devices=devices)
+
+
 def run_evaluate(config, workdir: str) -> dict:
     """The `evaluate` task: load the decoder named by config.decoder, run the tasks, write
     results.json / results.md / plots into config.evaluate.out_dir (default WORKDIR/eval), print the table."""
     from lit_jax.config_checks import check_layers
     from lit_jax.eval.report import markdown, write_report
-    from lit_jax.lit.trained import load_decoder
-    from lit_jax.settings import from_section
+    from lit_jax.lit.trained import load_decoder, on_mesh
+    from lit_jax.settings import MeshConfig, from_section
 
     if not config.decoder:
         raise ValueError("--config.decoder: give a lit run's work dir or a decoder export")
     settings = from_section(EvalSettings, config.evaluate, "evaluate")
     step = config.decoder_step if config.decoder_step >= 0 else None
+    mesh_cfg = from_section(MeshConfig, config.mesh, "mesh") if "mesh" in config else MeshConfig(shape=(1, 1, 1))
+    mesh = eval_mesh(mesh_cfg.shape)
     decoder = load_decoder(config.decoder, step=step, target=config.target or None)
+    if mesh.size > 1:
+        decoder = on_mesh(decoder, mesh, strict=mesh_cfg.strict)
     # Probe layers past the model's last block would fail only when their task runs, after the ones before it.
     check_layers("evaluate.probe_layers", settings.probe_layers, decoder.cfg.num_layers, allow_empty=True)
     out_dir = config.out_dir or os.path.join(workdir, "eval")

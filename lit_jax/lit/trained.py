@@ -63,6 +63,27 @@ class TrainedDecoder(NamedTuple):
                       sampling=sampling)
 
 
+def on_mesh(decoder: TrainedDecoder, mesh, *, strict: bool = False) -> TrainedDecoder:
+    """The decoder with its base and trained parameters laid out over `mesh` (axes data, fsdp,
+    tensor) by the training rules (sharding.py): a model too big for one device reads and
+    evaluates across several, each jitted reading function following its inputs' shardings.
+
+    strict: a parameter dimension its mesh axes do not divide is an error instead of replicated
+    with a warning. Raises ValueError as sharding.tree_shardings does.
+    """
+    from lit_jax import sharding as shd
+    from lit_jax.lit.train_state import trainable_axes
+    from lit_jax.models import llama
+
+    cfg, lcfg = decoder.cfg, decoder.lcfg
+    base = jax.device_put(decoder.base, shd.tree_shardings(llama.param_axes(cfg), decoder.base, mesh,
+                                                             units=llama.param_units(cfg), strict=strict))
+    trainable = jax.device_put(decoder.trainable, shd.tree_shardings(trainable_axes(cfg, lcfg), decoder.trainable,
+                                                                       mesh, units=llama.param_units(cfg),
+                                                                       strict=strict))
+    return decoder._replace(base=base, trainable=trainable)
+
+
 def _atomic_json(path: str, value: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
     try:
