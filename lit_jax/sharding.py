@@ -11,6 +11,7 @@ rules table serves models of every size (SmolLM2's 3 KV heads on a tensor axis o
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -207,6 +208,23 @@ def host_batch_to_global(batch: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
         batch)
 
 
+def distributed_init_args(environ: Mapping[str, str]) -> dict[str, int]:
+    """num_processes / process_id for jax.distributed.initialize from JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+
+    JAX reads JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS from the environment itself, but not
+    these two; without them, processes outside a cluster JAX detects (one per GPU on one host,
+    launch/local_gpu.py --per-gpu) could not be joined by their environment alone.
+    """
+    args = {}
+    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if environ.get(var, "").strip():
+            try:
+                args[key] = int(environ[var])
+            except ValueError:
+                raise ValueError(f"{var}={environ[var]!r}: must be an integer") from None
+    return args
+
+
 def maybe_initialize_distributed(enabled: bool) -> None:
     """jax.distributed.initialize() for multi-host runs (TPU pods, GPU clusters); a no-op otherwise.
 
@@ -214,4 +232,4 @@ def maybe_initialize_distributed(enabled: bool) -> None:
     elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     """
     if enabled:  # must run before anything touches a JAX backend
-        jax.distributed.initialize()
+        jax.distributed.initialize(**distributed_init_args(os.environ))
