@@ -195,3 +195,18 @@ def _run_parallel(plan: Plan, out: TextIO) -> int:
         for f in files:
             if f:
                 f.close()
+
+
+def run_plan_cli(parser: argparse.ArgumentParser, build, argv: Sequence[str]) -> int:
+    """The command line of a launcher whose work is one Plan: parse (overrides after the flags),
+    `build(ns, overrides)` the plan (a LaunchError becomes the parser's usage error, exit 2),
+    then print its commands (--dry-run) or run them; returns the exit status."""
+    ns, overrides = parse_with_overrides(parser, argv)
+    try:
+        plan = build(ns, overrides)
+    except LaunchError as e:
+        parser.error(str(e))
+    if ns.dry_run:
+        sys.stdout.write(render(plan.commands()))
+        return 0
+    return execute(plan)

@@ -96,16 +96,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    ns, overrides = common.parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        plan = build_plan(ns, overrides, None if ns.gpus or not ns.per_gpu else count_gpus())
-    except LaunchError as e:
-        parser.error(str(e))
-    if ns.dry_run:
-        sys.stdout.write(common.render(plan.commands()))
-        return 0
-    return common.execute(plan)
+    return common.run_plan_cli(
+        make_parser(), lambda ns, overrides: build_plan(ns, overrides, None if ns.gpus or not ns.per_gpu else count_gpus()),
+        sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -213,16 +213,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    ns, overrides = common.parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        plan = build_plan(ns, overrides)
-    except LaunchError as e:
-        parser.error(str(e))
-    if ns.dry_run:
-        sys.stdout.write(common.render(plan.commands()))
-        return 0
-    return common.execute(plan)
+    return common.run_plan_cli(make_parser(), build_plan, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
