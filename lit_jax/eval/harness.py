@@ -269,11 +269,11 @@ def eval_mesh(shape) -> "jax.sharding.Mesh":
     import jax
 
     from lit_jax import sharding as shd
+    from lit_jax.config_checks import check_mesh_shape
 
+    check_mesh_shape(shape)
     shape = tuple(int(s) for s in shape)
     devices = jax.devices()
-    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-        raise ValueError(f"--config.mesh.shape={shape}: give 3 sizes (data, fsdp, tensor), each >= 1, one may be -1")
     if -1 not in shape:
         if int(np.prod(shape)) > len(devices):
             raise ValueError(f"--config.mesh.shape={shape} needs {int(np.prod(shape))} devices; {len(devices)} "
