@@ -287,7 +287,7 @@ def run_evaluate(config, workdir: str) -> dict:
     results.json / results.md / plots into config.evaluate.out_dir (default WORKDIR/eval), print the table."""
     from lit_jax.config_checks import check_layers
     from lit_jax.eval.report import markdown, write_report
-    from lit_jax.lit.trained import load_decoder, on_mesh
+    from lit_jax.lit.trained import load_decoder
     from lit_jax.settings import MeshConfig, from_section
 
     if not config.decoder:
@@ -296,9 +296,8 @@ def run_evaluate(config, workdir: str) -> dict:
     step = config.decoder_step if config.decoder_step >= 0 else None
     mesh_cfg = from_section(MeshConfig, config.mesh, "mesh") if "mesh" in config else MeshConfig(shape=(1, 1, 1))
     mesh = eval_mesh(mesh_cfg.shape)
-    decoder = load_decoder(config.decoder, step=step, target=config.target or None)
-    if mesh.size > 1:
-        decoder = on_mesh(decoder, mesh, strict=mesh_cfg.strict)
+    decoder = load_decoder(config.decoder, step=step, target=config.target or None,
+                           mesh=mesh if mesh.size > 1 else None, strict=mesh_cfg.strict)
     # Probe layers past the model's last block would fail only when their task runs, after the ones before it.
     check_layers("evaluate.probe_layers", settings.probe_layers, decoder.cfg.num_layers, allow_empty=True)
     out_dir = config.out_dir or os.path.join(workdir, "eval")

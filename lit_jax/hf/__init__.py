@@ -12,13 +12,14 @@ from lit_jax.hf.convert import CheckpointError
 from lit_jax.hf.export import export_hf
 from lit_jax.hf.gguf_in import load_gguf, open_gguf
 from lit_jax.hf.safetensors_in import load_safetensors_dir
+from lit_jax.hf.sharded_load import load_safetensors_sharded
 from lit_jax.hf.smollm2 import resolve_model_path, smollm2_gguf_path
 from lit_jax.hf.tokenizer import load_tokenizer, tokenizer_from_gguf
 from lit_jax.models.config import ModelConfig
 
 __all__ = [
     "CheckpointError", "Pretrained", "export_hf", "generation_eos_ids", "load_gguf", "load_params", "load_pretrained",
-    "load_safetensors_dir", "load_tokenizer", "smollm2_gguf_path",
+    "load_safetensors_dir", "load_safetensors_sharded", "load_tokenizer", "place_params", "smollm2_gguf_path",
 ]
 
 
@@ -62,9 +63,13 @@ def with_generation_config(cfg: ModelConfig, model_dir: str) -> ModelConfig:
     return cfg.replace(eos_token_ids=tuple(cfg.eos_token_ids) + tuple(extra)) if extra else cfg
 
 
-def load_params(source: str, **run_options: Any) -> tuple[ModelConfig, dict]:
-    """(cfg, numpy params) from a GGUF file, an HF directory, or the alias 'smollm2'.
+def load_params(source: str, mesh: Any = None, strict: bool = False, **run_options: Any) -> tuple[ModelConfig, dict]:
+    """(cfg, params) from a GGUF file, an HF directory, or the alias 'smollm2'.
 
+    mesh: None gives numpy params. A `jax.sharding.Mesh` gives global jax.Arrays laid out by
+    the training rules (sharding.tree_shardings; strict as there): an HF directory is then
+    read straight into shards (hf/sharded_load.py: each host reads only its devices' blocks);
+    a GGUF file is read whole on the host, then placed leaf by leaf (sharding.put_consuming).
     For an HF directory, cfg.eos_token_ids is the union of config.json's and
     generation_config.json's `eos_token_id` (generation stops at any of them).
     Raises FileNotFoundError for a missing path, CheckpointError / UnsupportedModelError for
@@ -72,11 +77,25 @@ def load_params(source: str, **run_options: Any) -> tuple[ModelConfig, dict]:
     """
     path = resolve_model_path(source)
     if path.endswith(".gguf"):
-        return load_gguf(path, **run_options)
+        cfg, params = load_gguf(path, **run_options)
+        return cfg, params if mesh is None else place_params(params, cfg, mesh, strict)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist (expected an HF directory or a .gguf file)")
-    cfg, params = load_safetensors_dir(path, **run_options)
+    if mesh is None:
+        cfg, params = load_safetensors_dir(path, **run_options)
+    else:
+        cfg, params = load_safetensors_sharded(path, mesh, strict=strict, **run_options)
     return with_generation_config(cfg, path), params
+
+
+def place_params(params: dict, cfg: ModelConfig, mesh: Any, strict: bool = False) -> dict:
+    """Host (numpy) params laid out over `mesh` by the training rules, leaf by leaf (host memory
+    peaks near one copy). Raises ValueError as sharding.tree_shardings does."""
+    from lit_jax import sharding as shd
+    from lit_jax.models import llama
+
+    return shd.put_consuming(params, shd.tree_shardings(llama.param_axes(cfg), params, mesh,
+                                                        units=llama.param_units(cfg), strict=strict))
 
 
 def load_pretrained(source: str, shardings: Any = None, **run_options: Any) -> Pretrained:

@@ -20,8 +20,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def _tensor_files(model_dir: str) -> tuple[dict[str, str], str]:
-    """Maps tensor name -> file path; also returns the file that names them (for errors)."""
+def tensor_files(model_dir: str) -> tuple[dict[str, str], str]:
+    """(tensor name -> file path, the file that lists them) for an HF directory: its sharded index or
+    its single model.safetensors. Raises CheckpointError for a broken index, listed files that are
+    missing, or a directory with only pickled weights (refused, never unpickled) or none."""
     index = os.path.join(model_dir, INDEX_NAME)
     if os.path.isfile(index):
         with open(index) as f:
@@ -50,7 +52,7 @@ def load_safetensors_dir(model_dir: str, cfg: ModelConfig | None = None, **run_o
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     cfg = cfg or load_hf_config(model_dir, **run_options)
-    files, listing = _tensor_files(model_dir)
+    files, listing = tensor_files(model_dir)
     with ExitStack() as stack:
         handles: dict[str, Any] = {}
 

@@ -204,3 +204,27 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def restore_params(directory: str, step: int, like: Any) -> dict:
+    """Only the parameters of the train state saved at `step` in `directory` (no optimizer state).
+
+    like: the params tree of jax.ShapeDtypeStructs; each leaf comes back as a jax.Array with its
+    `sharding` (any mesh: orbax reads each device's block of the saved array, whatever mesh
+    saved it), or as numpy where it has none, in its dtype. Reads only; touches nothing in
+    `directory`. Raises CheckpointMismatchError when a saved parameter's shape or the tree
+    differs from `like`.
+    """
+    probe = Checkpointer(directory, clean_partial=False)
+    try:
+        probe._check_shapes(step, like)
+    finally:
+        probe.close()
+    target = {"params": like}
+    # The pytree handler (the format the standard handler writes) restores a part of the state.
+    with ocp.CheckpointManager(os.path.abspath(directory), item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    return out["state"]["params"]
+

@@ -19,7 +19,7 @@ from lit_jax import sharding as shd
 from lit_jax.config_checks import check_lit_against, check_lit_settings
 from lit_jax.data import build_splits, make_batch_iterator, make_eval_iterator, resolve_placeholder
 from lit_jax.generate import SamplingConfig
-from lit_jax.hf import load_params, load_tokenizer
+from lit_jax.hf import load_params, load_tokenizer, place_params
 from lit_jax.hf.gguf_in import config_from_gguf, load_gguf, open_gguf
 from lit_jax.hf.smollm2 import resolve_model_path
 from lit_jax.hf.tokenizer import tokenizer_from_gguf
@@ -54,10 +54,13 @@ def model_header(m: ConfigDict) -> tuple[int, Any]:
     return load_hf_config(path, **run).num_layers, None
 
 
-def load_model(m: ConfigDict, seed: int = 0, gguf_reader: Any = None) -> tuple[ModelConfig, dict, Any]:
-    """(cfg, numpy params, tokenizer). source "random" builds a random model of `m.random` shape
+def load_model(m: ConfigDict, seed: int = 0, gguf_reader: Any = None, *, mesh: Any = None,
+               strict: bool = False) -> tuple[ModelConfig, dict, Any]:
+    """(cfg, params, tokenizer). source "random" builds a random model of `m.random` shape
     over the tokenizer of `m.tokenizer` (for tests and dry runs). gguf_reader: the source's GGUF
-    header already parsed (model_header), shared by the weights and the tokenizer."""
+    header already parsed (model_header), shared by the weights and the tokenizer.
+    mesh: None gives numpy params; a Mesh gives jax.Arrays laid out by the training rules, an
+    HF directory read straight into shards (hf.load_params)."""
     run = model_run_options(m)
     if m.source == "random":
         tokenizer = load_tokenizer(resolve_model_path(m.tokenizer))
@@ -65,12 +68,13 @@ def load_model(m: ConfigDict, seed: int = 0, gguf_reader: Any = None) -> tuple[M
                           eos_token_ids=(int(tokenizer.eos_token_id),), pad_token_id=tokenizer.pad_token_id,
                           **dict(m.random), **run)
         params = jax.device_get(llama.init_params(jax.random.key(seed), cfg))
-        return cfg, params, tokenizer
+        return cfg, params if mesh is None else place_params(params, cfg, mesh, strict), tokenizer
     path = resolve_model_path(m.source)
     if gguf_reader is not None:
         cfg, params = load_gguf(path, gguf_reader, **run)
-        return cfg, params, tokenizer_from_gguf(path, gguf_reader)
-    cfg, params = load_params(path, **run)
+        return (cfg, params if mesh is None else place_params(params, cfg, mesh, strict),
+                tokenizer_from_gguf(path, gguf_reader))
+    cfg, params = load_params(path, mesh=mesh, strict=strict, **run)
     return cfg, params, load_tokenizer(path)
 
 
@@ -179,13 +183,12 @@ def run_lit(config: ConfigDict, workdir: str) -> dict:
     check_lit_against(config, num_layers=num_layers, device_count=jax.device_count(),
                       process_count=jax.process_count())
     os.makedirs(workdir, exist_ok=True)
-    cfg, base, tokenizer = load_model(config.model, config.seed, gguf_reader)
+    mesh = shd.make_mesh(mesh_cfg.shape)
+    # laid out over the mesh as it loads: an HF directory is read straight into each host's shards
+    cfg, base, tokenizer = load_model(config.model, config.seed, gguf_reader, mesh=mesh, strict=mesh_cfg.strict)
     del gguf_reader  # the file's memory map is not needed past loading
     if jax.process_index() == 0:
         save_run_settings(workdir, config, tokenizer)  # what load_decoder rebuilds the decoder from
-    mesh = shd.make_mesh(mesh_cfg.shape)
-    base = shd.put_consuming(base, shd.tree_shardings(llama.param_axes(cfg), base, mesh, units=llama.param_units(cfg),
-                                                      strict=mesh_cfg.strict))
     logging.info("model %s (%d params), mesh %s, %s", cfg.architecture, llama.num_params(base), dict(mesh.shape),
                  lcfg)
 

@@ -22,11 +22,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
 from lit_jax.generate import SamplingConfig
-from lit_jax.lit.checkpoint import Checkpointer, config_meta
+from lit_jax.lit.checkpoint import Checkpointer, config_meta, restore_params
 from lit_jax.lit.config import LitConfig
 from lit_jax.models.config import ModelConfig
 from lit_jax.settings import lit_from_section
@@ -165,7 +164,7 @@ def available_steps(path: str) -> list[int]:
 
 
 def load_decoder(path: str, *, step: int | None = None, target: str | None = None,
-                 dtype: str | None = None) -> TrainedDecoder:
+                 dtype: str | None = None, mesh: Any = None, strict: bool = False) -> TrainedDecoder:
     """The decoder a `lit` run trained, from its work dir.
 
     path: the run's work dir (holding lit_run.json and checkpoints/), a directory its
@@ -188,10 +187,12 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
         from lit_jax.lit.peft_decoder import is_peft_dir, load_peft_decoder
 
         if is_peft_dir(path):
-            return load_peft_decoder(path, step=step, target=target, dtype=dtype)
+            decoder = load_peft_decoder(path, step=step, target=target, dtype=dtype)
+            return decoder if mesh is None else on_mesh(decoder, mesh, strict=strict)
     settings = _run_settings(path)
     if os.path.isfile(os.path.join(path, PROJECTION_FILE)):
-        return _load_export(path, settings, target=target, dtype=dtype)
+        decoder = _load_export(path, settings, target=target, dtype=dtype)
+        return decoder if mesh is None else on_mesh(decoder, mesh, strict=strict)
     config = ConfigDict(settings["config"])
     if target is not None:
         config.model.source = target
@@ -205,8 +206,9 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
     elif step not in steps:
         raise ValueError(f"step {step} was not saved in {path}/checkpoints; saved steps: {steps}")
     lcfg = lit_from_section(config.lit, config.data.read_layers)
-    cfg, base, tokenizer = load_model(config.model, int(config.seed))
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), clean_partial=False)
+    cfg, base, tokenizer = load_model(config.model, int(config.seed), mesh=mesh, strict=strict)
+    ckpt_dir = os.path.join(path, "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, clean_partial=False)
     try:
         saved_meta = ckpt.read_meta(step).get("config")
         from lit_jax.data.pipeline import tokenizer_fingerprint
@@ -214,14 +216,30 @@ def load_decoder(path: str, *, step: int | None = None, target: str | None = Non
         if saved_meta is not None:
             _check_target(saved_meta, config_meta(cfg, lcfg), settings.get("tokenizer"),
                           tokenizer_fingerprint(tokenizer), f"{path} (step {step})")
-        restored = ckpt._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        saved = ckpt._mngr.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)["params"]
     finally:
         ckpt.close()
-    trainable = jax.tree.map(lambda x: np.asarray(x, np.float32), restored["state"]["params"])
+    trainable = restore_params(ckpt_dir, step, _trainable_like(saved, cfg, lcfg, mesh, strict))
     config.data.read_layers = tuple(int(x) for x in config.data.read_layers)
     data_meta(config.data, tokenizer)  # the placeholder resolves as in training (ValueError otherwise)
-    return TrainedDecoder(cfg, lcfg, jax.device_put(base), jax.device_put(trainable), tokenizer, config.data,
-                          int(step), path, config)
+    if mesh is None:
+        base, trainable = jax.device_put(base), jax.device_put(trainable)
+    return TrainedDecoder(cfg, lcfg, base, trainable, tokenizer, config.data, int(step), path, config)
+
+
+def _trainable_like(saved: Any, cfg: ModelConfig, lcfg: LitConfig, mesh: Any, strict: bool) -> Any:
+    """Restore targets for the saved trainable parameters: float32, laid out over `mesh` by the
+    training rules (numpy without a mesh)."""
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), np.float32), saved)
+    if mesh is None:
+        return like
+    from lit_jax import sharding as shd
+    from lit_jax.lit.train_state import trainable_axes
+    from lit_jax.models import llama
+
+    shardings = shd.tree_shardings(trainable_axes(cfg, lcfg), like, mesh, units=llama.param_units(cfg), strict=strict)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
 
 
 def _load_export(path: str, settings: dict, *, target: str | None, dtype: str | None) -> TrainedDecoder:
