@@ -63,3 +63,25 @@ def lit_step_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int,
     out = {"target": 2 * target, "decoder_fwd": 2 * dec_fwd, "decoder_bwd": 2 * dec_bwd}
     out["total"] = sum(out.values())
     return out
+
+
+def lit_model_flops(cfg: ModelConfig, *, batch: int, read_len: int, dec_len: int, targets: int, read_layer: int,
+                    rank: int, lora_targets) -> dict[str, float]:
+    """Model FLOPs of one LIT step for MFU: the work the method needs, whatever a program executes.
+
+    `batch` rows of `read_len` target tokens and `dec_len` decoder tokens, all real (no
+    padding), `targets` answer tokens per row. Counted (2 x multiply-adds, as
+    `lit_step_flops`): the target's forward through blocks 0..read_layer (no head); the
+    decoder's forward through every block with LoRA, and its vocabulary projection at the
+    answer positions only; its backward: activation gradients through the frozen weights
+    (as many FLOPs as their forward: no weight gradients for a frozen base), LoRA's
+    backward (2x its forward) and the attention backward (2x its forward: dQ, dK, dV, dP).
+    Causal attention counts its lower triangle (each query with the keys up to and
+    including itself). Not counted: recomputation (remat, a flash-attention backward's
+    recomputed scores), work a layout adds (padding, a packed row's dense masked
+    attention), elementwise work (norms, rotary, softmax) and the optimizer update.
+    """
+    # attention_block=1: blocks of one query row, i.e. exactly the causal triangle
+    return lit_step_flops(cfg, batch=batch, read_len=read_len, dec_len=dec_len, targets=targets,
+                          read_layer=read_layer, rank=rank, lora_targets=lora_targets, attention_block=1,
+                          attention_recompute=False)
