@@ -10,6 +10,7 @@ from ml_collections import ConfigDict
 
 from lit_jax.data import default_data_config
 from lit_jax.eval.harness import EvalSettings
+from lit_jax.plan import PlanSettings
 from lit_jax.settings import DemoConfig, ExportConfig, MeshConfig, lit_section, model_section, section, train_section
 
 
@@ -24,5 +25,6 @@ def lit_config() -> ConfigDict:
     c.train = train_section()
     c.demo = section(DemoConfig)
     c.export = section(ExportConfig)
+    c.plan = section(PlanSettings)  # the `plan` task: per-device memory and collectives, compiled abstractly
     c.evaluate = section(EvalSettings, tasks=())  # the evaluation after training (lit_jax/eval); () = none
     return c

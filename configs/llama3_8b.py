@@ -5,15 +5,15 @@ Mesh: all devices on the fsdp axis; for a pod slice use e.g. --config.mesh.shape
 --config.mesh.distributed=True (see launch/).
 """
 
+import json
+import os
+
 from configs.common import lit_config
 
-# config.json of Meta-Llama-3-8B-Instruct: lets tests build the model abstractly, without weights.
-HF_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False,
-    "bos_token_id": 128000, "eos_token_id": [128001, 128009],
-}
+# config.json of Meta-Llama-3-8B-Instruct: the plan task and tests build the model abstractly, without weights.
+CONFIG_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b.config.json")
+with open(CONFIG_JSON) as _f:
+    HF_CONFIG = json.load(_f)
 
 
 def get_config(arg: str | None = None):
@@ -32,4 +32,6 @@ def get_config(arg: str | None = None):
     c.train.eval_every = 250
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 3
+    c.plan.model_config = CONFIG_JSON  # plan without the weights
+    c.plan.device_memory_gb = 80.0  # an H100 80 GB
     return c

@@ -77,8 +77,15 @@ def run_evaluate(config, workdir: str) -> dict:
     return task(config, workdir)
 
 
+def run_plan(config, workdir: str) -> dict:
+    """Per-device memory and collectives of the run's train step and reading, compiled abstractly (lit_jax/plan.py)."""
+    from lit_jax.plan import run_plan as task
+
+    return task(config, workdir)
+
+
 TASKS = {"lit": run_lit, "chat": run_chat, "read": run_read, "control": run_control, "export": run_export,
-         "evaluate": run_evaluate}
+         "evaluate": run_evaluate, "plan": run_plan}
 
 
 def main(argv) -> None:

@@ -11,8 +11,9 @@ rules table serves models of every size (SmolLM2's 3 KV heads on a tensor axis o
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -173,6 +174,34 @@ def put_consuming(tree: dict, shardings: Any = None) -> dict:
         return out
 
     return walk(tree, ())
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
+    """Within: `mesh` is JAX's current mesh (jax.set_mesh) and `rules` flax's logical-axis rules, so
+    the activation constraints in the model (`constrain`) take effect in whatever is traced here."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """x under a sharding constraint from logical axis names (e.g. ("batch", None, None) for the
+    residual stream [B, T, D]), inside `mesh_rules`; outside, or on one device, x unchanged.
+
+    Why: with only the inputs' shardings, XLA's partitioner may multiply a batch-sharded activation
+    by an fsdp-sharded weight by splitting the contraction and all-reducing the whole batch's
+    activations; pinning the residual stream to the batch axes makes it gather the weights instead
+    (FSDP). A dimension its mesh axes do not divide is left unconstrained (activations change
+    size from call to call: a generation batch of 3 on 8 devices).
+    """
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or mesh.size == 1:
+        return x
+    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    spec = [a if a is None or x.shape[i] % int(np.prod([mesh.shape[n] for n in _flat(a)])) == 0 else None
+            for i, a in enumerate(spec)]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

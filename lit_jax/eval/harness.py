@@ -287,6 +287,7 @@ def run_evaluate(config, workdir: str) -> dict:
     results.json / results.md / plots into config.evaluate.out_dir (default WORKDIR/eval), print the table."""
     from lit_jax.config_checks import check_layers
     from lit_jax.eval.report import markdown, write_report
+    from lit_jax import sharding as shd
     from lit_jax.lit.trained import load_decoder
     from lit_jax.settings import MeshConfig, from_section
 
@@ -301,7 +302,8 @@ def run_evaluate(config, workdir: str) -> dict:
     # Probe layers past the model's last block would fail only when their task runs, after the ones before it.
     check_layers("evaluate.probe_layers", settings.probe_layers, decoder.cfg.num_layers, allow_empty=True)
     out_dir = config.out_dir or os.path.join(workdir, "eval")
-    results = evaluate_decoder(decoder, settings, after_task=lambda partial: write_report(partial, out_dir))
+    with shd.mesh_rules(mesh):  # the activation constraints of a decoder laid over several devices
+        results = evaluate_decoder(decoder, settings, after_task=lambda partial: write_report(partial, out_dir))
     print(markdown(results), flush=True)
     print(f"wall time per task (s): {results['wall_s']}\nwritten to {out_dir}", flush=True)
     return results

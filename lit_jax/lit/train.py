@@ -133,6 +133,25 @@ def train(
     configuration (naming each differing field with its saved and current values) or has
     parameters of other shapes; ValueError for a batch that reads an untrained layer.
     """
+    # under the mesh and the logical-axis rules: the model's activation constraints shard the batch (FSDP)
+    with shd.mesh_rules(mesh):
+        return _train(cfg=cfg, lcfg=lcfg, tcfg=tcfg, base=base, mesh=mesh, train_batches=train_batches,
+                      heldout_batches=heldout_batches, workdir=workdir, meta=meta, strict_sharding=strict_sharding)
+
+
+def _train(
+    *,
+    cfg: ModelConfig,
+    lcfg: LitConfig,
+    tcfg: TrainConfig,
+    base: llama.Params,
+    mesh,
+    train_batches: Iterator[dict],  # collated example rows (data.make_batch_iterator), resumable
+    heldout_batches: Callable[[], Iterable[dict]] | None,
+    workdir: str,
+    meta: dict[str, Any] | None = None,
+    strict_sharding: bool = False,
+) -> tuple[TrainState, TrainResult]:
     t_start = time.time()
     meta = dict(meta or {})
     meta["config"] = config_meta(cfg, lcfg, data=(meta.get("config") or {}).get("data"))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from lit_jax import sharding as shd
 from lit_jax.models import attention as attn_impl
 from lit_jax.models import kv_cache as kvc
 from lit_jax.models.config import ModelConfig
@@ -37,6 +38,8 @@ from lit_jax.models.lora import LoraWeights, lora_update
 from lit_jax.models.rope import apply_rope, rope_tables
 
 Params = dict[str, Any]
+# the residual stream [B, T, D]: batch over the batch mesh axes (sharding.constrain, under sharding.mesh_rules)
+RESIDUAL_AXES = ("batch", None, None)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -317,7 +320,9 @@ def run_blocks(
     scale = None if lora is None else lora.scale
 
     def one(x, p, lp, layer, cache):
+        x = shd.constrain(x, RESIDUAL_AXES)
         x, cache = block(x, p, None if lp is None else LoraWeights(lp, scale), layer, ctx, cache, cfg)
+        x = shd.constrain(x, RESIDUAL_AXES)
         if edit is not None:
             if isinstance(layer, int):
                 x = edit.fn(x) if layer == edit.layer else x
@@ -364,8 +369,10 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and vocabulary projection of h [..., D]; float32 logits [..., V]."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     if cfg.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+    return shd.constrain(logits, ("batch",) + (None,) * (logits.ndim - 1)) if logits.ndim > 1 else logits
 
 
 class ForwardOutput(NamedTuple):
