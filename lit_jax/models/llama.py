@@ -319,10 +319,14 @@ def run_blocks(
         return x, cache
     scale = None if lora is None else lora.scale
 
+    # Training and scoring pin the residual stream to the batch axes (weights gathered: FSDP); generation
+    # (a KV cache) does not: for a few tokens per row, XLA's split contractions move less than the weights.
+    pin = (lambda x: x) if cache is not None else (lambda x: shd.constrain(x, RESIDUAL_AXES))
+
     def one(x, p, lp, layer, cache):
-        x = shd.constrain(x, RESIDUAL_AXES)
+        x = pin(x)
         x, cache = block(x, p, None if lp is None else LoraWeights(lp, scale), layer, ctx, cache, cfg)
-        x = shd.constrain(x, RESIDUAL_AXES)
+        x = pin(x)
         if edit is not None:
             if isinstance(layer, int):
                 x = edit.fn(x) if layer == edit.layer else x
