@@ -131,6 +131,49 @@ def test_session_answers_and_colours_as_the_reader_does(session, reader, monkeyp
             == reader.ask([(t2, p2[2:5])], ["What is this about?"])[0])
 
 
+def _save_multilayer_decoder(workdir: str) -> None:
+    """An untrained tiny decoder reading layers 1 and 2 at once (oracle prompt; written as the tiny config writes)."""
+    import jax
+
+    from configs import tiny
+    from lit_jax.lit.checkpoint import Checkpointer
+    from lit_jax.lit.job import load_model, run_meta
+    from lit_jax.lit.train_state import init_state, init_trainable, make_optimizer
+    from lit_jax.lit.trained import save_run_settings
+    from lit_jax.settings import lit_from_section
+
+    config = tiny.get_config()
+    config.data.prompt_style, config.data.read_layers, config.data.read_all_layers = "oracle", (1, 2), True
+    cfg, base, tok = load_model(config.model, config.seed)
+    lcfg = lit_from_section(config.lit, config.data.read_layers)
+    save_run_settings(workdir, config, tok)
+    state = init_state(init_trainable(jax.random.key(0), cfg, lcfg, base), make_optimizer(1e-3, 0, 1))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.save(0, state, {}, run_meta(cfg, lcfg, config.data, tok))
+    ckpt.close()
+
+
+def test_a_decoder_reading_several_layers_at_once(tmp_path):
+    from lit_jax import load_decoder
+
+    _save_multilayer_decoder(str(tmp_path))
+    decoder = load_decoder(str(tmp_path))
+    session = S.Session(decoder, {}, S.Limits(max_new_tokens=6))
+    reader = decoder.reader(session.reader.sampling)
+    assert session.info()["read_all_layers"] and session.info()["read_layers"] == [1, 2]
+    read = session.create_read({"text": TEXT, "span_start": 1, "span_end": 6})
+    tokens, positions = tokenize_read(decoder.tokenizer, TEXT)
+    got = session.ask({"read_id": read["read_id"], "questions": ["What is this about?", "Where?"]})
+    assert [a["answer"] for a in got["answers"]] == reader.ask([(tokens, positions[1:6])] * 2,
+                                                               ["What is this about?", "Where?"])
+    scores = session.token_scores({"read_id": read["read_id"], "question": "Is it a bridge?"})
+    ref = reader.score(each_token((tokens, positions[1:6])), ["Is it a bridge?"] * 5, [["Yes", "No"]] * 5)
+    np.testing.assert_allclose([s["p_yes"] for s in scores["scores"]], [1 / (1 + np.exp(r[1] - r[0])) for r in ref],
+                               atol=1e-4)
+    with pytest.raises(S.RequestError, match="all of"):
+        session.ask({"read_id": read["read_id"], "questions": ["q"], "layer": 1})
+
+
 def test_later_requests_reuse_the_compiled_shapes(session):
     first = session.create_read({"text": "A short text about boats."})
     session.ask({"read_id": first["read_id"], "questions": ["What is this about?", "Why?"]})
