@@ -8,6 +8,7 @@ only host syncs), and starts async checkpoint saves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -109,6 +110,18 @@ def restore_data_state(data_state: dict, train_batches, step_batch: StepBatches)
     return True
 
 
+def _under_mesh_rules(fn):
+    """Runs fn(mesh=..., ...) under sharding.mesh_rules(mesh): the model's activation constraints
+    then shard the batch (FSDP) in every step traced inside."""
+    @functools.wraps(fn)
+    def wrapped(*, mesh, **kwargs):
+        with shd.mesh_rules(mesh):
+            return fn(mesh=mesh, **kwargs)
+
+    return wrapped
+
+
+@_under_mesh_rules
 def train(
     *,
     cfg: ModelConfig,
@@ -133,25 +146,6 @@ def train(
     configuration (naming each differing field with its saved and current values) or has
     parameters of other shapes; ValueError for a batch that reads an untrained layer.
     """
-    # under the mesh and the logical-axis rules: the model's activation constraints shard the batch (FSDP)
-    with shd.mesh_rules(mesh):
-        return _train(cfg=cfg, lcfg=lcfg, tcfg=tcfg, base=base, mesh=mesh, train_batches=train_batches,
-                      heldout_batches=heldout_batches, workdir=workdir, meta=meta, strict_sharding=strict_sharding)
-
-
-def _train(
-    *,
-    cfg: ModelConfig,
-    lcfg: LitConfig,
-    tcfg: TrainConfig,
-    base: llama.Params,
-    mesh,
-    train_batches: Iterator[dict],  # collated example rows (data.make_batch_iterator), resumable
-    heldout_batches: Callable[[], Iterable[dict]] | None,
-    workdir: str,
-    meta: dict[str, Any] | None = None,
-    strict_sharding: bool = False,
-) -> tuple[TrainState, TrainResult]:
     t_start = time.time()
     meta = dict(meta or {})
     meta["config"] = config_meta(cfg, lcfg, data=(meta.get("config") or {}).get("data"))
