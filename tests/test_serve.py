@@ -8,7 +8,6 @@ serves the whole module.
 """
 
 import concurrent.futures
-import json
 import os
 import shutil
 import socket
@@ -27,7 +26,7 @@ from lit_jax.lit import control as C
 from lit_jax.lit.read import each_token
 from lit_jax.models.steering import Steering, dense_vectors
 from lit_jax.serve import session as S
-from lit_jax.serve.app import _Queue, _Busy, build_session, create_app, steering_names
+from lit_jax.serve.app import _Queue, _Busy, build_session, create_app, limits_of, steering_names
 from tests.test_control import _save_untrained_decoder
 from tests.trace_counter import count_traces
 
@@ -228,6 +227,12 @@ def test_steering_names_and_queue_limit():
     assert steering_names(["a/b/gg_vectors", "x=c/d"]) == {"gg_vectors": "a/b/gg_vectors", "x": "c/d"}
     with pytest.raises(ValueError, match="given twice"):
         steering_names(["a/gg", "b/gg"])
+    from configs import serve
+
+    config = serve.get_config()
+    config.serve.max_questions = 0
+    with pytest.raises(ValueError, match="--config.serve.max_questions=0"):
+        limits_of(config.serve)
     q = _Queue(1)
     with q:
         with pytest.raises(_Busy):
@@ -270,19 +275,23 @@ def test_api_errors_name_the_field(server):
     assert r.status_code == 400 and "not loaded" in r.json()["error"]
 
 
-def test_api_concurrent_requests_are_all_answered(server, session):
-    read = _post(server, "/api/read", {"text": TEXT}).json()["read_id"]
-    questions = [f"Question number {i}?" for i in range(6)]
-    expected = [session.ask({"read_id": read, "questions": [q]})["answers"][0]["answer"] for q in questions]
-    bodies = [("/api/ask", {"read_id": read, "questions": [q]}) for q in questions]
-    bodies.insert(3, ("/api/ask", {"read_id": read, "questions": ["x" * 900]}))  # refused, must not disturb others
-    bodies.insert(5, ("/api/token_scores", {"read_id": read, "question": "Is it a bridge?"}))
-    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+def test_api_concurrent_requests_are_all_answered(server, reader, session):
+    """20 requests, 4 at a time, on the loopback address: each answered, equal to the Python API's
+    (Reader.ask on the same read), a refused one among them disturbing none."""
+    read = _post(server, "/api/read", {"text": TEXT}).json()
+    tokens, positions = tokenize_read(session.decoder.tokenizer, TEXT)
+    asks = [([f"Question number {i}?"], None if i % 2 else int(positions[i % len(positions)])) for i in range(19)]
+    bodies = [("/api/ask", {"read_id": read["read_id"], "questions": q, **({} if t is None else {"token": t})})
+              for q, t in asks]
+    bodies.insert(7, ("/api/ask", {"read_id": read["read_id"], "questions": ["x" * 900]}))  # refused
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda b: _post(server, *b), bodies))
-    assert replies[3].status_code == 400 and replies[3].json()["field"] == "questions[0]"
-    assert replies[5].status_code == 200 and len(replies[5].json()["scores"]) > 0
-    answers = [r.json()["answers"][0]["answer"] for i, r in enumerate(replies) if i not in (3, 5)]
-    assert answers == expected
+    assert replies[7].status_code == 400 and replies[7].json()["field"] == "questions[0]"
+    del replies[7]
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    expected = [reader.ask([(tokens, positions if t is None else np.asarray([t], np.int32))], q)[0] for q, t in asks]
+    assert [r.json()["answers"][0]["answer"] for r in replies] == expected
+    assert len(set(expected)) > 1  # the token reads differ from the whole span's
 
 
 def test_a_model_error_is_reported_and_the_server_keeps_serving(server, session, monkeypatch):
