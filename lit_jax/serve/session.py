@@ -12,8 +12,9 @@ takes the request's JSON object (a dict) and returns a JSON-able dict; a bad req
 (`Session.lock`): the target runs once per read (its residual stream at every trained read
 layer is kept, keyed by the read id, for every later question, token and span), and every
 jitted function sees padded shapes (reads to multiples of 64 tokens, question batches to
-powers of two, slots to multiples of 8, prompts to multiples of 32), so after the first
-requests nothing compiles again.
+powers of two, slots to multiples of 8, prompts to multiples of 32; token colours packed
+into prefix trees sized on lit_jax.lit.read.packed_size's grid), so after the first requests
+of a size nothing compiles again.
 """
 
 from __future__ import annotations
