@@ -249,7 +249,8 @@ def test_api_read_ask_colour_steer(server, session):
     page = httpx.get(server + "/", timeout=30)
     assert page.status_code == 200 and "app.js" in page.text
     assert httpx.get(server + "/static/app.js", timeout=30).status_code == 200
-    assert httpx.get(server + "/api/info", timeout=30).json()["read_layers"] == [2]
+    info = httpx.get(server + "/api/info", timeout=30).json()
+    assert info["read_layers"] == [2] and info["limits"]["max_waiting"] > 0
     read = _post(server, "/api/read", {"dialog": DIALOG, "read_from_turn": 1}).json()
     got = _post(server, "/api/ask", {"read_id": read["read_id"], "questions": ["Who?", "Why?"]}).json()
     assert [a["question"] for a in got["answers"]] == ["Who?", "Why?"]
@@ -268,7 +269,11 @@ def test_api_errors_name_the_field(server):
     assert r.status_code == 400 and r.json()["field"] == "read_id"
     r = httpx.post(server + "/api/ask", content=b"not json", headers={"Content-Type": "application/json"},
                    timeout=30)
-    assert r.status_code == 400 and "error" in r.json()
+    assert r.status_code == 400 and r.json()["field"] == "body" and "not valid JSON" in r.json()["error"]
+    # `curl -d '{...}'` (the README's examples) labels the JSON as a form: it is read as JSON all the same
+    r = httpx.post(server + "/api/read", content=b'{"text": "The sea is calm."}',
+                   headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert r.status_code == 200 and r.json()["read_id"]
     r = _post(server, "/api/ask", ["a", "list"])
     assert r.status_code == 400 and r.json()["field"] == "body"
     r = _post(server, "/api/steer", {"prompt": "hi", "steering": "../../etc"})

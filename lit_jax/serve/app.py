@@ -19,10 +19,13 @@ only the decoder and steering directories given at start, never a path from the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from typing import Any, Callable
+
+from fastapi import Request  # at module level: the routes' string annotations resolve here
 
 from lit_jax.serve.session import Limits, RequestError, Session
 
@@ -55,7 +58,7 @@ class _Busy(Exception):
 def create_app(session: Session, *, max_waiting: int = 32):
     """The FastAPI app serving `session` (see the module docstring). max_waiting: requests allowed
     to wait for or hold the model at once (503 beyond; 0: no limit)."""
-    from fastapi import Body, FastAPI, Request
+    from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
@@ -84,6 +87,14 @@ def create_app(session: Session, *, max_waiting: int = 32):
         log.exception("request %s failed", request.url.path)
         return JSONResponse({"error": f"model error: {type(e).__name__}: {e}"}, status_code=500)
 
+    async def json_body(request: Request) -> Any:
+        # The body is parsed as JSON whatever its Content-Type: `curl -d '{...}'` labels it as a form.
+        raw = await request.body()
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError("body", f"not valid JSON ({e}); send a JSON object") from None
+
     def queued(fn: Callable[[dict], dict], req: Any) -> dict:
         with queue:
             return fn(req)
@@ -94,23 +105,24 @@ def create_app(session: Session, *, max_waiting: int = 32):
 
     @app.get("/api/info")
     def info():
-        return session.info()
+        out = session.info()
+        return {**out, "limits": {**out["limits"], "max_waiting": max_waiting}}
 
     # Plain `def` routes run in FastAPI's thread pool; the session's lock makes them one model worker.
     @app.post("/api/read")
-    def read(req: Any = Body(...)):
+    def read(req: Any = Depends(json_body)):
         return queued(session.create_read, req)
 
     @app.post("/api/ask")
-    def ask(req: Any = Body(...)):
+    def ask(req: Any = Depends(json_body)):
         return queued(session.ask, req)
 
     @app.post("/api/token_scores")
-    def token_scores(req: Any = Body(...)):
+    def token_scores(req: Any = Depends(json_body)):
         return queued(session.token_scores, req)
 
     @app.post("/api/steer")
-    def steer(req: Any = Body(...)):
+    def steer(req: Any = Depends(json_body)):
         return queued(session.steer, req)
 
     return app

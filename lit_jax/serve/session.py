@@ -119,7 +119,7 @@ def _power_of_two(n: int) -> int:
 
 def _field(req: dict, name: str, kind, default=None, *, required: bool = False):
     if not isinstance(req, dict):
-        raise RequestError("body", "the request must be a JSON object")
+        raise RequestError("body", f"the request must be a JSON object, not {type(req).__name__}")
     value = req.get(name, default)
     if value is None:
         if required:
