@@ -12,6 +12,20 @@ import pytest  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs():
+    """After each test module, JAX's compiled programs go: every XLA:CPU executable holds its own
+    code mappings, and one process compiling the whole suite's shapes ran out of them (a segfault
+    inside the compiler, late in the run)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: name -> (hf_dir, torch model) for a tiny random checkpoint (built once per session)."""
