@@ -325,6 +325,8 @@ def test_serve_task_refuses_a_missing_decoder():
 @pytest.fixture(scope="module")
 def browser(server):
     if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("LIT_JAX_REQUIRE_BROWSER"):  # CI installs them: missing there is a failure
+            pytest.fail("LIT_JAX_REQUIRE_BROWSER is set but chromium / chromedriver are not installed")
         pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver; "
                     ".ci/run installs them)")
     from selenium import webdriver
